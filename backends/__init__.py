@@ -1,0 +1,1 @@
+"""ptq4dm.backends"""

@@ -1,0 +1,1 @@
+"""Model zoo: UNet configs, noise schedules, sampler step modules, loaders."""

@@ -1,0 +1,252 @@
+"""calibrate: NDTC (normally distributed time-step calibration) and the paper's baselines.
+
+reads:  the observed graph; ``ctx.options['fp_step']`` (the full-precision step function) and
+        ``graph.meta['sampler']``; ``ctx.options['calibration']`` (an NDTC / Uniform / Single /
+        RandomNoise config)
+writes: observer statistics (runs the observed graph on the calibration set);
+        ``ctx.results['calibration']``: the set's timesteps and its cache path
+
+NDTC (PTQ4DM, Sec. 4): for each of N samples draw t ~ N(mu*T, (sigma*T)^2), clamp to [0, T-1]
+and snap to the nearest timestep the sampler actually uses (respacing included). Start from
+x_T ~ N(0, I), run the *full-precision* sampler, and keep the sample's x_t at its drawn step:
+exactly the (x_t, t) pair the sampler feeds the UNet at inference. The chain of a batch stops
+at the last step any of its samples needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ptq4dm.ir.graph import StepGraph
+
+from .base import PassContext, register_pass
+from .observe import observers
+
+
+@dataclass(frozen=True)
+class NDTC:
+    """t ~ N(mu*T, (sigma*T)^2); the paper: sigma = 1/2, mu <= 1/2 (reference script: 0.4, 0.4)."""
+
+    mu: float = 0.4
+    sigma: float = 0.5
+    n: int = 1024
+    batch_size: int = 128
+    seed: int = 0
+    kind: str = "ndtc"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.mu <= 1.0:
+            raise ValueError(f"NDTC mu must be a fraction of T in [0, 1] (the paper: mu <= 0.5), got {self.mu}")
+        if not self.sigma > 0:
+            raise ValueError(f"NDTC sigma must be > 0 (a fraction of T; the paper: 0.5), got {self.sigma}")
+        _check_n(self)
+
+    def draw(self, sampler, gen: torch.Generator) -> torch.Tensor:
+        T = sampler.T
+        t = torch.randn(self.n, generator=gen, dtype=torch.float64) * (self.sigma * T) + self.mu * T
+        return t.clamp(0, T - 1)
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Baseline: t uniform over the sampler's timesteps, x_t from the real chain."""
+
+    n: int = 1024
+    batch_size: int = 128
+    seed: int = 0
+    kind: str = "uniform"
+
+    def validate(self) -> None:
+        _check_n(self)
+
+    def draw(self, sampler, gen):
+        return torch.rand(self.n, generator=gen, dtype=torch.float64) * (sampler.T - 1)
+
+
+@dataclass(frozen=True)
+class Single:
+    """Baseline: one timestep for every sample (``t_frac`` of T, snapped to the sampler's grid)."""
+
+    t_frac: float = 0.5
+    n: int = 1024
+    batch_size: int = 128
+    seed: int = 0
+    kind: str = "single"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.t_frac <= 1.0:
+            raise ValueError(f"Single.t_frac must be in [0, 1], got {self.t_frac}")
+        _check_n(self)
+
+    def draw(self, sampler, gen):
+        return torch.full((self.n,), self.t_frac * (sampler.T - 1), dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class RandomNoise:
+    """Baseline: x ~ N(0, I) instead of the real trajectory, t uniform."""
+
+    n: int = 1024
+    batch_size: int = 128
+    seed: int = 0
+    kind: str = "random"
+
+    def validate(self) -> None:
+        _check_n(self)
+
+    def draw(self, sampler, gen):
+        return torch.rand(self.n, generator=gen, dtype=torch.float64) * (sampler.T - 1)
+
+
+CALIBRATIONS = {"ndtc": NDTC, "uniform": Uniform, "single": Single, "random": RandomNoise}
+
+
+def _check_n(c) -> None:
+    if c.n < 1:
+        raise ValueError(f"calibration needs n >= 1 samples, got {c.n}")
+    if c.batch_size < 1:
+        raise ValueError(f"calibration batch_size must be >= 1, got {c.batch_size}")
+
+
+@dataclass
+class CalibrationSet:
+    """The (x_t, t) pairs observers see: x (N, C, H, W) float32, t (N,) int64 training timesteps,
+    step (N,) int64 index into the sampler's timestep list."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    step: torch.Tensor
+    config: dict = field(default_factory=dict)
+
+    def batches(self, size: int):
+        for i in range(0, self.x.shape[0], size):
+            yield self.x[i:i + size], self.t[i:i + size]
+
+
+def snap_to_sampler(t_cont: torch.Tensor, sampler) -> torch.Tensor:
+    """Index (into sampler.timesteps) of the sampler timestep nearest to each continuous t."""
+    ts = sampler.timesteps.double()
+    return (t_cont[:, None] - ts[None, :]).abs().argmin(dim=1)
+
+
+def cache_key(model_hash: str, sampler_cfg: dict, calib) -> str:
+    blob = json.dumps({"model": model_hash, "sampler": sampler_cfg, "calib": asdict(calib), "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PTQ4DM_CACHE", Path.home() / ".cache" / "ptq4dm"))
+
+
+@torch.no_grad()
+def make_calibration_set(fp_step: Callable, sampler, calib, shape: tuple[int, ...], progress: bool = True,
+                         cache_dir: Path | None = None, model_hash: str | None = None,
+                         device: str | torch.device = "cpu") -> CalibrationSet:
+    """Build (or load from the cache) the calibration set of ``calib`` for this model and sampler."""
+    calib.validate()
+    path = None
+    if cache_dir is not None and model_hash is not None:
+        path = Path(cache_dir) / f"calib-{calib.kind}-{cache_key(model_hash, sampler.config(), calib)}.safetensors"
+        if path.exists():
+            from safetensors.torch import load_file
+
+            d = load_file(str(path))
+            return CalibrationSet(d["x"], d["t"], d["step"], {"cache": str(path), "cached": True, **asdict(calib)})
+    gen = torch.Generator().manual_seed(calib.seed)
+    steps = snap_to_sampler(calib.draw(sampler, gen), sampler)
+    xs = torch.empty((calib.n, *shape[1:]))
+    C = shape[1:]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(int(steps[i:i + calib.batch_size].max()) + 1 for i in range(0, calib.n, calib.batch_size))
+        bar = tqdm(total=total if calib.kind != "random" else calib.n, desc=f"calibration ({calib.kind})",
+                   unit="step" if calib.kind != "random" else "sample", leave=False)
+    for b0 in range(0, calib.n, calib.batch_size):
+        bsteps = steps[b0:b0 + calib.batch_size]
+        nb = bsteps.numel()
+        x = torch.randn((nb, *C), generator=gen)
+        if calib.kind == "random":
+            xs[b0:b0 + nb] = x
+            if bar:
+                bar.update(nb)
+            continue
+        last = int(bsteps.max())
+        for i, t_val in enumerate(sampler.timesteps[: last + 1].tolist()):
+            hit = bsteps == i
+            if hit.any():
+                xs[b0:b0 + nb][hit] = x[hit].cpu()
+            if i == last:
+                break
+            t = torch.full((nb,), t_val, dtype=torch.long)
+            noise = torch.randn(x.shape, generator=gen)
+            x = fp_step(x.to(device), t.to(device), noise.to(device))[0].float().cpu()
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    t = sampler.timesteps[steps].long()
+    cs = CalibrationSet(xs, t, steps.long(), {"cache": str(path) if path else None, "cached": False, **asdict(calib)})
+    if path is not None:
+        from safetensors.torch import save_file
+
+        from ptq4dm.ir.serialize import atomic_write
+
+        atomic_write(path, lambda tmp: save_file({"x": xs.contiguous(), "t": t, "step": steps.long()}, tmp))
+    return cs
+
+
+@register_pass
+@dataclass
+class Calibrate:
+    name = "calibrate"
+    reads = "observer nodes; ctx.options['calibration_set'] or ctx.options['fp_step'] + graph.meta['sampler']"
+    writes = "observer statistics; ctx.results['calibration']"
+    preserves_semantics = True
+
+    batch_size: int = 128
+    seed: int = 0
+
+    def run(self, graph: StepGraph, ctx: PassContext) -> None:
+        cs: CalibrationSet | None = ctx.options.get("calibration_set")
+        if cs is None:
+            calib = ctx.options.get("calibration") or NDTC()
+            fp_step = ctx.options.get("fp_step")
+            sampler = graph.meta.get("sampler")
+            if fp_step is None or sampler is None:
+                raise ValueError("calibrate needs ctx.options['fp_step'] and graph.meta['sampler'] "
+                                 "(or a ready ctx.options['calibration_set'])")
+            cs = make_calibration_set(fp_step, sampler, calib, tuple(graph.example_inputs[0].shape),
+                                      progress=ctx.progress, cache_dir=ctx.options.get("cache_dir"),
+                                      model_hash=ctx.options.get("model_hash"))
+            ctx.options["calibration_set"] = cs
+        obs = observers(graph)
+        if not obs:
+            raise ValueError("calibrate found no observers: run 'mark,observe' before it")
+        state: dict = {}
+        for o in obs.values():
+            o.state = state
+        gen = torch.Generator().manual_seed(self.seed)
+        device = graph.example_inputs[0].device
+        batches = list(cs.batches(self.batch_size))
+        if ctx.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="observe", unit="batch", leave=False)
+        with torch.no_grad():
+            for x, t in batches:
+                state["t"] = t
+                noise = torch.randn(x.shape, generator=gen)
+                if x.shape[0] == 1 and graph.dynamic_batch:
+                    x, t, noise = x.repeat(2, 1, 1, 1), t.repeat(2), noise.repeat(2, 1, 1, 1)
+                graph.gm(x.to(device), t.to(device), noise.to(device))
+        ctx.results["calibration"] = {"n": int(cs.x.shape[0]), "timesteps": cs.t, "config": cs.config,
+                                      "observer_bytes": sum(o.nbytes() for o in obs.values())}

@@ -1,0 +1,125 @@
+"""mark: decide what gets quantized, as PT2E annotations on nodes.
+
+reads:  the captured graph (conv2d / linear / attention matmul nodes, the named outputs)
+writes: ``node.meta["quantization_annotation"]``:
+        conv / linear: input 0 -> activation spec (per-tensor), weight -> per-channel symmetric;
+        attention matmuls (after decompose_attention): both operands -> attention spec;
+        the producers of mean, variance and prev_sample -> output spec (the paper's Table 1);
+        ``ctx.results["mark"]``: counts, and nodes left in FP with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ptq4dm.ir.annotations import annotate_input, annotate_output, get_annotation, make_spec
+from ptq4dm.ir.graph import OUTPUT, StepGraph
+
+from .base import PassContext, register_pass
+from .decompose_attention import ATTN
+
+aten = torch.ops.aten
+CONV_OPS = {aten.conv2d.default, aten.convolution.default}
+LINEAR_OPS = {aten.linear.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+# Ops with weights or GEMMs that this pass does not know how to quantize: reported, kept FP.
+KNOWN_UNSUPPORTED = {aten.conv_transpose2d.input, aten.scaled_dot_product_attention.default,
+                     aten.baddbmm.default, aten.addmm.default, aten.mm.default, aten.conv1d.default}
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """What to quantize and how. Bit widths per role; exceptions by node name or module path."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    attn_bits: int = 8
+    output_bits: int = 8
+    act_symmetric: bool = False
+    quantize_attention: bool = True
+    quantize_outputs: bool = True            # mean, variance, prev_sample (the paper's setting)
+    keep_first_last_fp: bool = False         # conv_in / conv_out in float
+    split_cat: bool = False                  # one quantizer per part of a skip `cat` feeding a conv
+    skip: tuple[str, ...] = ()               # node names or module-path prefixes kept in float
+
+    def __post_init__(self):
+        for f in ("weight_bits", "act_bits", "attn_bits", "output_bits"):
+            b = getattr(self, f)
+            if not 2 <= b <= 16:
+                raise ValueError(f"QuantPolicy.{f} must be in [2, 16], got {b}")
+
+    def describe(self) -> str:
+        return f"W{self.weight_bits}A{self.act_bits}"
+
+
+@register_pass
+@dataclass
+class Mark:
+    name = "mark"
+    reads = "conv2d / linear / attention matmul nodes; named outputs"
+    writes = "meta['quantization_annotation'] on quantized nodes; ctx.results['mark']"
+    preserves_semantics = True
+
+    policy: QuantPolicy = field(default_factory=QuantPolicy)
+
+    def _skipped(self, graph: StepGraph, n: fx.Node) -> bool:
+        path = graph.module_path(n)
+        return any(n.name == s or (path and (path == s or path.startswith(s + "."))) for s in self.policy.skip)
+
+    def run(self, graph: StepGraph, ctx: PassContext) -> None:
+        pol = self.policy
+        names = {n.name for n in graph.graph.nodes}
+        paths = {graph.module_path(n) for n in graph.graph.nodes}
+        for s in pol.skip:
+            if s not in names and not any(p == s or p.startswith(s + ".") for p in paths if p):
+                raise ValueError(f"policy.skip names {s!r}, which is neither a node nor a module path in "
+                                 f"this graph (e.g. {sorted(p for p in paths if p)[:3]})")
+        act = make_spec("act", pol.act_bits, pol.act_symmetric)
+        attn = make_spec("attn", pol.attn_bits, pol.act_symmetric)
+        weight = make_spec("weight", pol.weight_bits, True, ch_axis=0)
+        convs = [n for n in graph.graph.nodes if n.op == "call_function" and n.target in CONV_OPS]
+        first_last = {convs[0], convs[-1]} if (pol.keep_first_last_fp and convs) else set()
+        counts = {"conv": 0, "linear": 0, "attn_matmul": 0, "output": 0}
+        fp: list[tuple[str, str]] = []
+        for n in graph.graph.nodes:
+            if n.op != "call_function":
+                continue
+            if n.target in CONV_OPS or n.target in LINEAR_OPS:
+                kind = "conv" if n.target in CONV_OPS else "linear"
+                if n in first_last or self._skipped(graph, n):
+                    fp.append((n.name, "kept in float by policy"))
+                    continue
+                x, w = n.args[0], n.args[1]
+                if not isinstance(w, fx.Node) or w.op != "get_attr":
+                    fp.append((n.name, f"{kind} with a computed weight: left in float"))
+                    continue
+                if pol.split_cat and isinstance(x, fx.Node) and x.target is aten.cat.default and len(x.users) == 1:
+                    for part in x.args[0]:
+                        annotate_input(x, part, act)
+                else:
+                    annotate_input(n, x, act)
+                annotate_input(n, w, weight)
+                counts[kind] += 1
+            elif n.target in MATMUL_OPS and n.meta.get(ATTN) and pol.quantize_attention:
+                if self._skipped(graph, n):
+                    fp.append((n.name, "kept in float by policy"))
+                    continue
+                a, b = n.args[0], n.args[1]
+                annotate_input(n, a, attn)
+                annotate_input(n, b, attn)
+                counts["attn_matmul"] += 1
+            elif n.target in KNOWN_UNSUPPORTED or n.target in MATMUL_OPS:
+                fp.append((n.name, f"{n.target} is not quantized by this pass: left in float"))
+        if pol.quantize_outputs:
+            done = set()
+            for role, node in graph.named_outputs().items():
+                if node in done or node.op == "placeholder":
+                    continue
+                annotate_output(node, make_spec(role if role != "prev_sample" else "prev_sample",
+                                                pol.output_bits, False))
+                done.add(node)
+                counts["output"] += 1
+        ctx.results["mark"] = {"counts": counts, "left_in_float": fp, "policy": pol}

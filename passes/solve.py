@@ -1,0 +1,134 @@
+"""solve: fix scale / zero point of every annotated tensor.
+
+reads:  meta['quantization_annotation'] (weights: the weight tensors themselves, per channel);
+        observer statistics (activations, per tensor)
+writes: ``graph.meta['qparams'][key] = QParams``; ``ctx.results['solve']``: one ``TensorReport``
+        per tensor with the chosen error and the min-max error on the same data.
+
+Solvers: ``mse`` (default: minimise mean |Q(x) - x|^p, p = 2; the reference code used 2.4)
+and ``minmax`` (the baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ptq4dm.ir.graph import StepGraph
+from ptq4dm.ir.quant import QParams, lp_error, solve_minmax, solve_mse
+
+from .base import PassContext, register_pass
+from .observe import QTensor, observers, qtensors
+
+
+@dataclass(frozen=True)
+class MSE:
+    """The paper's range solver: minimise E|Q(x) - x|^p over clipping ranges."""
+
+    p: float = 2.0
+    grid: int = 100
+    refine: int = 20
+    kind: str = "mse"
+
+    def validate(self) -> None:
+        if self.p <= 0:
+            raise ValueError(f"MSE p must be > 0, got {self.p}")
+        if self.grid < 1:
+            raise ValueError(f"MSE grid must be >= 1, got {self.grid}")
+
+
+@dataclass(frozen=True)
+class MinMax:
+    """Baseline: the observed range, no clipping."""
+
+    kind: str = "minmax"
+    p: float = 2.0
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class TensorReport:
+    key: str
+    role: str
+    spec: str
+    scale: float          # mean over channels for per-channel weights
+    zero_point: int
+    error: float          # mean |Q(x) - x|^p with the chosen qparams, on the observed data
+    error_minmax: float   # the same for min-max qparams
+
+    @property
+    def gain(self) -> float:
+        return self.error_minmax / self.error if self.error > 0 else float("inf")
+
+
+@register_pass
+@dataclass
+class Solve:
+    name = "solve"
+    reads = "weight tensors; observer statistics"
+    writes = "graph.meta['qparams']; ctx.results['solve'] (list of TensorReport)"
+    preserves_semantics = True
+
+    solver: MSE | MinMax = field(default_factory=MSE)
+    p: float | None = None       # pipeline-string shortcut: solve{p=2.4}
+    kind: str | None = None      # pipeline-string shortcut: solve{kind=minmax}
+
+    def __post_init__(self):
+        if self.kind == "minmax":
+            self.solver = MinMax()
+        elif self.kind not in (None, "mse"):
+            raise ValueError(f"unknown solver kind {self.kind!r}; choose 'mse' or 'minmax'")
+        if self.p is not None:
+            self.solver = MSE(p=self.p) if isinstance(self.solver, MSE) else MinMax(p=self.p)
+        self.solver.validate()
+
+    def _solve(self, x: torch.Tensor, qt: QTensor, lo=None, hi=None) -> tuple[QParams, float, float]:
+        spec = qt.spec
+        axis = spec.ch_axis
+        mm = solve_minmax(x if lo is None else torch.cat([x.reshape(-1), lo.reshape(1), hi.reshape(1)]),
+                          spec.quant_min, spec.quant_max, spec.symmetric, axis, name=qt.key)
+        if isinstance(self.solver, MSE):
+            qp = solve_mse(x, spec.quant_min, spec.quant_max, spec.symmetric, axis, p=self.solver.p,
+                           grid=self.solver.grid, refine=self.solver.refine, name=qt.key, lo=lo, hi=hi)
+        else:
+            qp = mm
+        p = self.solver.p
+        e = lp_error(x, qp, p).mean().item()
+        e_mm = lp_error(x, mm, p).mean().item()
+        return qp, e, e_mm
+
+    def run(self, graph: StepGraph, ctx: PassContext) -> None:
+        obs = observers(graph)
+        qparams: dict[str, QParams] = graph.meta.setdefault("qparams", {})
+        reports: list[TensorReport] = []
+        items = qtensors(graph)
+        if ctx.progress:
+            from tqdm import tqdm
+
+            items = tqdm(items, desc="solve", unit="tensor", leave=False)
+        for qt in items:
+            if qt.spec.role == "weight":
+                w = getattr_path(graph.gm, qt.source, graph)
+                qp, e, e_mm = self._solve(w.detach().float(), qt)
+            else:
+                o = obs.get(qt.key)
+                if o is None or o.min is None:
+                    raise ValueError(f"tensor {qt.key!r} has no calibration statistics: run 'observe,calibrate' "
+                                     f"before 'solve'")
+                qp, e, e_mm = self._solve(o.sample, qt, lo=o.min, hi=o.max)
+            qparams[qt.key] = qp
+            reports.append(TensorReport(qt.key, qt.spec.role, qt.spec.short(), float(qp.scale.float().mean()),
+                                        int(qp.zero_point.reshape(-1)[0]) if qp.zero_point.numel() else 0, e, e_mm))
+        ctx.results["solve"] = reports
+
+
+def getattr_path(gm: torch.nn.Module, node_name: str, graph: StepGraph) -> torch.Tensor:
+    """The tensor behind a get_attr node (by node name)."""
+    node = next(n for n in graph.graph.nodes if n.name == node_name)
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj

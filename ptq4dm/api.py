@@ -1,0 +1,130 @@
+"""The public pipeline API.
+
+    import ptq4dm
+    step = ptq4dm.DiffusionStep(unet, ptq4dm.make_sampler("ddim", num_inference_steps=100))
+    result = ptq4dm.quantize(step, calibration=ptq4dm.NDTC(n=1024), solver=ptq4dm.MSE(p=2))
+    x0 = ptq4dm.sample(result.graph, step.sampler, (16, 1, 28, 28))
+    print(result.report.table())
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ptq4dm.ir.capture import capture
+from ptq4dm.ir.graph import StepGraph
+from ptq4dm.models.step import DiffusionStep
+from ptq4dm.passes import (DEFAULT_PIPELINE, MSE, NDTC, MinMax, PassContext, PassManager, QuantPolicy,
+                           TensorReport)
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 over the module's state dict (names, dtypes, shapes and bytes), sorted by name."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(k.encode()); h.update(str(t.dtype).encode()); h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class QuantReport:
+    """What the pipeline did: per-tensor qparams and errors, what stayed in float, timings."""
+
+    tensors: list[TensorReport]
+    left_in_float: list[tuple[str, str]]
+    counts: dict[str, int]
+    timings: dict[str, float]
+    calibration: dict[str, Any] = field(default_factory=dict)
+    policy: str = ""
+
+    @property
+    def total_error(self) -> float:
+        return sum(t.error for t in self.tensors)
+
+    @property
+    def total_error_minmax(self) -> float:
+        return sum(t.error_minmax for t in self.tensors)
+
+    def table(self, limit: int | None = None) -> str:
+        rows = self.tensors if limit is None else self.tensors[:limit]
+        head = f"{'tensor':<58} {'role':<11} {'scale':>10} {'zp':>5} {'err (solver)':>13} {'err (minmax)':>13} {'gain':>6}"
+        lines = [head, "-" * len(head)]
+        for t in rows:
+            lines.append(f"{t.key[:58]:<58} {t.role:<11} {t.scale:>10.3g} {t.zero_point:>5d} {t.error:>13.4g} "
+                         f"{t.error_minmax:>13.4g} {min(t.gain, 999):>6.2f}")
+        if limit is not None and len(self.tensors) > limit:
+            lines.append(f"... {len(self.tensors) - limit} more tensors")
+        lines.append(f"{'TOTAL (' + str(len(self.tensors)) + ' tensors)':<58} {'':<11} {'':>10} {'':>5} "
+                     f"{self.total_error:>13.4g} {self.total_error_minmax:>13.4g} "
+                     f"{self.total_error_minmax / max(self.total_error, 1e-30):>6.2f}")
+        if self.left_in_float:
+            lines.append(f"left in float: {len(self.left_in_float)} node(s): "
+                         + "; ".join(f"{n} ({why})" for n, why in self.left_in_float[:6]))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "counts": self.counts, "timings_s": self.timings,
+                "total_error": self.total_error, "total_error_minmax": self.total_error_minmax,
+                "left_in_float": [list(x) for x in self.left_in_float],
+                "tensors": [dict(key=t.key, role=t.role, spec=t.spec, scale=t.scale, zero_point=t.zero_point,
+                                 error=t.error, error_minmax=t.error_minmax) for t in self.tensors]}
+
+
+@dataclass
+class QuantResult:
+    graph: StepGraph
+    report: QuantReport
+    fp_graph: StepGraph
+
+
+def capture_step(step: DiffusionStep, batch: int = 2, device: str | torch.device = "cpu",
+                 dynamic_batch: bool = True, seed: int = 0) -> StepGraph:
+    """Capture ``step`` with example inputs of the right shape (batch >= 2 for a dynamic batch)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = step.sample_shape(batch)
+    x = torch.randn(shape, generator=g).to(device)
+    t = step.sampler.timesteps[torch.randint(0, step.sampler.S, (batch,), generator=g)].to(device)
+    noise = torch.randn(shape, generator=g).to(device)
+    graph = capture(step, (x, t, noise), dynamic_batch=dynamic_batch,
+                    meta={"sampler_config": step.sampler.config(), "unet_config": dict(step.unet.config)})
+    graph.meta["sampler"] = step.sampler
+    return graph
+
+
+def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPolicy | None = None,
+             pipeline: str = DEFAULT_PIPELINE, progress: bool = True, cache_dir=None,
+             verify: bool = True, dump_after: tuple[str, ...] = (), dump_dir=None,
+             graph: StepGraph | None = None) -> QuantResult:
+    """Run PTQ4DM on ``step``: capture, then ``pipeline`` (default: decompose_attention, mark,
+    observe, calibrate, solve, fakequant). Returns the simulated quantized graph and a report."""
+    calibration = calibration or NDTC()
+    solver = solver or MSE()
+    policy = policy or QuantPolicy()
+    step = step.eval()
+    t0 = time.perf_counter()
+    graph = graph or capture_step(step)
+    fp_graph = StepGraph(copy.deepcopy(graph.gm), graph.example_inputs, dict(graph.meta), graph.dynamic_batch)
+    capture_s = time.perf_counter() - t0
+    ctx = PassContext(options={"calibration": calibration, "fp_step": step, "cache_dir": cache_dir,
+                               "model_hash": weights_hash(step.unet) if cache_dir else None},
+                      progress=progress)
+    pm = PassManager.from_pipeline(pipeline, pass_options={"mark": {"policy": policy}, "solve": {"solver": solver}},
+                                   verify=verify, dump_after=dump_after, dump_dir=dump_dir)
+    pm.run(graph, ctx)
+    mark = ctx.results.get("mark", {})
+    report = QuantReport(tensors=ctx.results.get("solve", []),
+                         left_in_float=list(ctx.results.get("unsupported", [])) + list(mark.get("left_in_float", [])),
+                         counts=mark.get("counts", {}), timings={"capture": capture_s, **ctx.timings},
+                         calibration={k: v for k, v in ctx.results.get("calibration", {}).items() if k != "timesteps"},
+                         policy=policy.describe())
+    graph.meta["report"] = report
+    graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
+    return QuantResult(graph, report, fp_graph)

@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=15, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    from ptq4dm.models.unets import build_unet
+
+    torch.manual_seed(0)
+    return build_unet("tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def cifar_unet():
+    from ptq4dm.models.unets import build_unet
+
+    torch.manual_seed(0)
+    return build_unet("ddpm-cifar10").eval()

@@ -1,0 +1,59 @@
+"""Our sampler step modules against diffusers' schedulers on the same inputs and noise."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ptq4dm.models.samplers import DDIMSampler, DDPMSampler, make_sampler
+
+SCHED = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+@given(variance=st.sampled_from(["fixed_small", "fixed_large", "learned_range"]),
+       schedule=st.sampled_from(["linear", "cosine"]), steps=st.sampled_from([1000, 250, 100, 10]),
+       idx=st.integers(0, 10_000), seed=st.integers(0, 2**31 - 1), clip=st.booleans())
+def test_ddpm_step_matches_diffusers(variance, schedule, steps, idx, seed, clip):
+    ours = DDPMSampler(variance_type=variance, schedule=schedule, num_inference_steps=steps, clip_sample=clip)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=SCHED[schedule], variance_type=variance,
+                        clip_sample=clip)
+    ref.set_timesteps(steps)
+    assert torch.equal(ref.timesteps, ours.timesteps)
+    t = int(ours.timesteps[idx % steps])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    out = torch.randn(2, 6 if variance == "learned_range" else 3, 4, 4, generator=g)
+    want = ref.step(out, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
+    noise = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(seed))
+    got = ours.step(out, torch.tensor([t, t]), x, noise).prev_sample
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@given(eta=st.sampled_from([0.0, 0.3, 1.0]), schedule=st.sampled_from(["linear", "cosine"]),
+       steps=st.sampled_from([1000, 100, 50, 10]), idx=st.integers(0, 10_000), seed=st.integers(0, 2**31 - 1))
+def test_ddim_step_matches_diffusers(eta, schedule, steps, idx, seed):
+    ours = DDIMSampler(eta=eta, schedule=schedule, num_inference_steps=steps)
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule=SCHED[schedule])
+    ref.set_timesteps(steps)
+    assert torch.equal(ref.timesteps, ours.timesteps)
+    t = int(ours.timesteps[idx % steps])
+    g = torch.Generator().manual_seed(seed)
+    x, out, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    want = ref.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+    got = ours.step(out, torch.tensor([t, t]), x, noise).prev_sample
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_bad_sampler_options_are_named():
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        DDIMSampler(num_inference_steps=0)
+    with pytest.raises(ValueError, match="variance_type"):
+        DDPMSampler(variance_type="learned_log")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("euler")
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(eta=-1)
+    s = DDPMSampler(variance_type="learned_range")
+    with pytest.raises(ValueError, match="2x3 output channels"):
+        s.step(torch.randn(1, 3, 4, 4), torch.tensor([5]), torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4))

