@@ -157,7 +157,7 @@ def _candidate_errors(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, a_lo:
 
 
 def solve_mse(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, axis: int | None = None,
-              p: float = 2.0, grid: int = 100, refine: int = 20, name: str = "tensor",
+              p: float = 2.0, grid: int = 100, refine: int = 10, name: str = "tensor",
               lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> QParams:
     """Minimise mean |Q(x) - x|^p over clipping ranges (per channel along ``axis`` if given).
 

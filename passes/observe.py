@@ -66,10 +66,10 @@ class ReservoirObserver(nn.Module):
             mn, mx = v.min(), v.max()
             self.min = mn if self.min is None else torch.minimum(self.min, mn)
             self.max = mx if self.max is None else torch.maximum(self.max, mx)
-            keys = torch.rand(v.numel(), generator=self.gen)
             if v.numel() > self.capacity:
-                keys, idx = torch.topk(keys, self.capacity, largest=False)
-                v = v[idx]
+                # a uniform subsample of this batch first (O(capacity), not a sort of every value)
+                v = v[torch.randint(v.numel(), (self.capacity,), generator=self.gen)]
+            keys = torch.rand(v.numel(), generator=self.gen)
             allk, allv = torch.cat([self.keys, keys]), torch.cat([self.sample, v])
             if allk.numel() > self.capacity:
                 allk, idx = torch.topk(allk, self.capacity, largest=False)

@@ -28,7 +28,7 @@ class MSE:
 
     p: float = 2.0
     grid: int = 100
-    refine: int = 20
+    refine: int = 10
     kind: str = "mse"
 
     def validate(self) -> None:

@@ -83,6 +83,7 @@ class QuantResult:
     graph: StepGraph
     report: QuantReport
     fp_graph: StepGraph
+    calibration_set: Any = None   # the (x_t, t) pairs the observers saw
 
 
 def capture_step(step: DiffusionStep, batch: int = 2, device: str | torch.device = "cpu",
@@ -127,4 +128,4 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
                          policy=policy.describe())
     graph.meta["report"] = report
     graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
-    return QuantResult(graph, report, fp_graph)
+    return QuantResult(graph, report, fp_graph, ctx.options.get("calibration_set"))

@@ -1,0 +1,118 @@
+"""The PTQ4DM pipeline over a captured step graph."""
+
+import resource
+
+import pytest
+import torch
+
+import ptq4dm
+from ptq4dm.api import capture_step
+from ptq4dm.ir.annotations import annotated_tensors
+from ptq4dm.models.samplers import make_sampler
+from ptq4dm.models.step import DiffusionStep
+from ptq4dm.passes import NDTC, PassContext, PassManager, QuantPolicy
+from ptq4dm.passes.observe import CalibrationNaN
+
+
+def _step(unet, steps=10, kind="ddpm"):
+    return DiffusionStep(unet, make_sampler(kind, num_inference_steps=steps)).eval()
+
+
+def _inputs(batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 8, 8, generator=g), torch.tensor([900, 500, 100, 0][:batch]), torch.randn(batch, 1, 8, 8, generator=g)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def test_observers_change_no_output(tiny_unet):
+    step = _step(tiny_unet)
+    graph = capture_step(step)
+    x, t, n = _inputs()
+    with torch.no_grad():
+        want = [o.clone() for o in graph(x, t, n)]
+    ctx = PassContext(options={"calibration": NDTC(n=8), "fp_step": step}, progress=False)
+    PassManager.from_pipeline("mark,observe,calibrate", verify_execution=True).run(graph, ctx)
+    with torch.no_grad():
+        got = graph(x, t, n)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_16_bit_is_close_and_8_bit_quantizes_every_annotated_tensor(tiny_unet):
+    step = _step(tiny_unet)
+    wide = QuantPolicy(weight_bits=16, act_bits=16, attn_bits=16, output_bits=16)
+    r16 = ptq4dm.quantize(step, calibration=NDTC(n=16), policy=wide, progress=False)
+    r8 = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False)
+    # in-distribution inputs: the real (x_t, t) pairs of the FP sampler (static ranges clip
+    # values outside what calibration saw, by design)
+    cs = r8.calibration_set
+    x, t = cs.x[:8], cs.t[:8]
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp = step(x, t, n)
+    with torch.no_grad():
+        y16, y8 = r16.graph(x, t, n), r8.graph(x, t, n)
+    assert _rel(y16.mean, fp.mean) < 1e-3
+    assert _rel(y8.mean, fp.mean) < 0.1
+    counts = r8.report.counts
+    n_conv = sum(1 for nd in r8.fp_graph.graph.nodes if nd.target is torch.ops.aten.conv2d.default)
+    n_lin = sum(1 for nd in r8.fp_graph.graph.nodes if nd.target is torch.ops.aten.linear.default)
+    n_sdpa = sum(1 for nd in r8.fp_graph.graph.nodes if nd.target is torch.ops.aten.scaled_dot_product_attention.default)
+    assert counts == {"conv": n_conv, "linear": n_lin, "attn_matmul": 2 * n_sdpa, "output": 3}
+    fq = [nd for nd in r8.graph.graph.nodes if nd.target is torch.ops.ptq4dm.fake_quant.default]
+    wq = [nd for nd in r8.graph.graph.nodes if nd.op == "get_attr" and nd.target.startswith("ptq4dm_wq_")]
+    assert len(wq) == n_conv + n_lin
+    assert len(fq) == n_conv + n_lin + 2 * 2 * n_sdpa + 3
+    assert len(r8.report.tensors) == len(fq) + len(wq)
+    assert not any(nd.op == "call_module" and "ptq4dm_obs" in str(nd.target) for nd in r8.graph.graph.nodes)
+
+
+def test_report_mse_never_worse_than_minmax(tiny_unet):
+    r = ptq4dm.quantize(_step(tiny_unet), calibration=NDTC(n=16), progress=False)
+    assert all(t.error <= t.error_minmax * (1 + 1e-6) + 1e-30 for t in r.report.tensors)
+    assert r.report.total_error <= r.report.total_error_minmax
+    assert "TOTAL" in r.report.table()
+
+
+def test_policy_exceptions(tiny_unet):
+    step = _step(tiny_unet)
+    r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False,
+                        policy=QuantPolicy(keep_first_last_fp=True, quantize_outputs=False, skip=("unet.mid_block",)))
+    names = [n for n, _ in r.report.left_in_float]
+    assert r.report.counts["output"] == 0 and len(names) >= 2
+    with pytest.raises(ValueError, match="unet.no_such_block"):
+        ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False, policy=QuantPolicy(skip=("unet.no_such_block",)))
+
+
+def test_unknown_op_is_left_in_float_and_listed(tiny_unet):
+    """Without decompose_attention, SDPA stays: reported as float, not a crash."""
+    r = ptq4dm.quantize(_step(tiny_unet), calibration=NDTC(n=8), progress=False,
+                        pipeline="mark,observe,calibrate,solve,fakequant")
+    assert any("scaled_dot_product_attention" in why for _, why in r.report.left_in_float)
+
+
+def test_nan_in_calibration_names_node_and_timestep(tiny_unet):
+    import copy
+
+    unet = copy.deepcopy(tiny_unet)
+    with torch.no_grad():
+        unet.mid_block.resnets[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationNaN) as e:
+        ptq4dm.quantize(_step(unet), calibration=NDTC(n=4, batch_size=4), progress=False)
+    assert "timesteps" in str(e.value) and ":" in str(e.value)
+
+
+def test_cifar10_pipeline_ndtc64(cifar_unet):
+    step = _step(cifar_unet, steps=4, kind="ddim")
+    r = ptq4dm.quantize(step, calibration=NDTC(n=64, batch_size=64), progress=False)
+    assert r.report.counts["conv"] == 65 and r.report.counts["linear"] == 48 and r.report.counts["attn_matmul"] == 12
+    assert r.report.total_error <= r.report.total_error_minmax
+    x, t = r.calibration_set.x[:2], r.calibration_set.t[:2]
+    noise = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        q, fp = r.graph(x, t, noise), step(x, t, noise)
+    assert _rel(q.prev_sample, fp.prev_sample) < 0.1
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert r.report.calibration["observer_bytes"] < 200 * 2**20, peak_mib
