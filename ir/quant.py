@@ -35,9 +35,10 @@ class QParams:
     qmin: int
     qmax: int
     axis: int | None = None      # per-channel axis, None for per-tensor
+    groups: int = 0              # >0: scale / zero_point are tables over timestep groups (G,)
 
     def to(self, device) -> "QParams":
-        return QParams(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax, self.axis)
+        return QParams(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax, self.axis, self.groups)
 
 
 def _block_size(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:

@@ -130,6 +130,13 @@ class CalibrationSet:
             yield self.x[i:i + size], self.t[i:i + size]
 
 
+def group_table(sampler, groups: int) -> torch.Tensor:
+    """(T,) int64: the timestep group of every training timestep t. Group i holds sampler steps
+    [i*S/G, (i+1)*S/G) (step 0 is the noisiest); a t the sampler never uses gets its nearest step's group."""
+    steps = snap_to_sampler(torch.arange(sampler.T, dtype=torch.float64), sampler)
+    return (steps * groups // sampler.S).long()
+
+
 def snap_to_sampler(t_cont: torch.Tensor, sampler) -> torch.Tensor:
     """Index (into sampler.timesteps) of the sampler timestep nearest to each continuous t."""
     ts = sampler.timesteps.double()
@@ -234,6 +241,8 @@ class Calibrate:
         state: dict = {}
         for o in obs.values():
             o.state = state
+        groups = int(graph.meta.get("timestep_groups", 1))
+        table = group_table(graph.meta["sampler"], groups) if groups > 1 else None
         gen = torch.Generator().manual_seed(self.seed)
         device = graph.example_inputs[0].device
         batches = list(cs.batches(self.batch_size))
@@ -243,10 +252,12 @@ class Calibrate:
             batches = tqdm(batches, desc="observe", unit="batch", leave=False)
         with torch.no_grad():
             for x, t in batches:
-                state["t"] = t
                 noise = torch.randn(x.shape, generator=gen)
                 if x.shape[0] == 1 and graph.dynamic_batch:
                     x, t, noise = x.repeat(2, 1, 1, 1), t.repeat(2), noise.repeat(2, 1, 1, 1)
+                state["t"] = t
+                if table is not None:
+                    state["group"] = table[t.cpu()]
                 graph.gm(x.to(device), t.to(device), noise.to(device))
         ctx.results["calibration"] = {"n": int(cs.x.shape[0]), "timesteps": cs.t, "config": cs.config,
                                       "observer_bytes": sum(o.nbytes() for o in obs.values())}

@@ -36,6 +36,7 @@ class FakeQuant:
             raise ValueError("fakequant needs solved qparams: run 'solve' first")
         nodes = {n.name: n for n in g.nodes}
         i = 0
+        group_of_t = None  # shared node: the timestep group of each sample, gathered from t
         # activations: observers -> fake_quant
         for n in list(g.nodes):
             if n.op != "call_module" or QTENSOR not in n.meta:
@@ -45,11 +46,30 @@ class FakeQuant:
             s_name, z_name = f"ptq4dm_qp_{i}_scale", f"ptq4dm_qp_{i}_zp"
             gm.register_buffer(s_name, qp.scale.float().clone())
             gm.register_buffer(z_name, qp.zero_point.clone())
-            with g.inserting_before(n):
-                s = g.get_attr(s_name)
-                z = g.get_attr(z_name)
-                fq = g.call_function(torch.ops.ptq4dm.fake_quant.default, (n.args[0], s, z, qp.qmin, qp.qmax, qp.axis))
-            for new in (s, z, fq):
+            new_nodes = []
+            if qp.groups:
+                if group_of_t is None:
+                    from .calibrate import group_table
+
+                    gm.register_buffer("ptq4dm_group_of_t", group_table(graph.meta["sampler"], qp.groups))
+                    t_node = graph.placeholders()[1]
+                    with g.inserting_after(t_node):
+                        table = g.get_attr("ptq4dm_group_of_t")
+                    with g.inserting_after(table):
+                        group_of_t = g.call_function(torch.ops.aten.index.Tensor, (table, [t_node]))
+                    new_nodes += [table, group_of_t]
+                with g.inserting_before(n):
+                    s_tab, z_tab = g.get_attr(s_name), g.get_attr(z_name)
+                    s = g.call_function(torch.ops.aten.index.Tensor, (s_tab, [group_of_t]))
+                    z = g.call_function(torch.ops.aten.index.Tensor, (z_tab, [group_of_t]))
+                    fq = g.call_function(torch.ops.ptq4dm.fake_quant.default, (n.args[0], s, z, qp.qmin, qp.qmax, 0))
+                new_nodes += [s_tab, z_tab]
+            else:
+                with g.inserting_before(n):
+                    s = g.get_attr(s_name)
+                    z = g.get_attr(z_name)
+                    fq = g.call_function(torch.ops.ptq4dm.fake_quant.default, (n.args[0], s, z, qp.qmin, qp.qmax, qp.axis))
+            for new in (s, z, fq, *new_nodes):
                 new.meta[ROLE] = "quant"
             fq.meta[QTENSOR] = qt
             if "val" in n.meta:

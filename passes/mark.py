@@ -44,6 +44,7 @@ class QuantPolicy:
     keep_first_last_fp: bool = False         # conv_in / conv_out in float
     split_cat: bool = False                  # one quantizer per part of a skip `cat` feeding a conv
     skip: tuple[str, ...] = ()               # node names or module-path prefixes kept in float
+    timestep_groups: int = 1                 # >1: activation / output scales per group of sampler steps
 
     def __post_init__(self):
         for f in ("weight_bits", "act_bits", "attn_bits", "output_bits"):
@@ -51,8 +52,12 @@ class QuantPolicy:
             if not 2 <= b <= 16:
                 raise ValueError(f"QuantPolicy.{f} must be in [2, 16], got {b}")
 
+        if self.timestep_groups < 1:
+            raise ValueError(f"QuantPolicy.timestep_groups must be >= 1, got {self.timestep_groups}")
+
     def describe(self) -> str:
-        return f"W{self.weight_bits}A{self.act_bits}"
+        tg = f", {self.timestep_groups} timestep groups" if self.timestep_groups > 1 else ""
+        return f"W{self.weight_bits}A{self.act_bits}{tg}"
 
 
 @register_pass
@@ -122,4 +127,5 @@ class Mark:
                                                 pol.output_bits, False))
                 done.add(node)
                 counts["output"] += 1
+        graph.meta["timestep_groups"] = pol.timestep_groups
         ctx.results["mark"] = {"counts": counts, "left_in_float": fp, "policy": pol}

@@ -39,6 +39,44 @@ class CalibrationNaN(RuntimeError):
     pass
 
 
+class GroupedObserver(nn.Module):
+    """One ReservoirObserver per timestep group; samples are routed by ``state['group']`` (B,),
+    the group of each sample's t, which the calibrate pass sets (dim 0 of every observed tensor
+    is the batch)."""
+
+    def __init__(self, key: str, groups: int, capacity: int = 65536, seed: int = 0):
+        super().__init__()
+        self.key, self.groups = key, groups
+        self.parts = nn.ModuleList(ReservoirObserver(f"{key}[g{i}]", max(1024, capacity // groups), seed * 131 + i)
+                                   for i in range(groups))
+        self.all = ReservoirObserver(key, capacity, seed)
+        self.state: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.all.state = self.state
+        self.all(x)
+        g = self.state.get("group")
+        if g is None or g.numel() != x.shape[0]:
+            raise RuntimeError(f"observer {self.key!r}: timestep groups need state['group'] with one entry per "
+                               f"sample (batch {x.shape[0]}); run it through the calibrate pass")
+        for i in g.unique().tolist():
+            part = self.parts[i]
+            part.state = self.state
+            part(x[g.to(x.device) == i])
+        return x
+
+    @property
+    def min(self):
+        return self.all.min
+
+    @property
+    def max(self):
+        return self.all.max
+
+    def nbytes(self) -> int:
+        return self.all.nbytes() + sum(p.nbytes() for p in self.parts)
+
+
 class ReservoirObserver(nn.Module):
     """Identity that records min / max and a bounded uniform sample of what flows through."""
 
@@ -97,7 +135,7 @@ def qtensors(graph: StepGraph) -> list[QTensor]:
     return out
 
 
-def observers(graph: StepGraph) -> dict[str, ReservoirObserver]:
+def observers(graph: StepGraph) -> dict[str, "ReservoirObserver | GroupedObserver"]:
     return {n.meta[QTENSOR].key: graph.gm.get_submodule(n.target)
             for n in graph.graph.nodes if n.op == "call_module" and QTENSOR in n.meta}
 
@@ -122,7 +160,10 @@ class Observe:
                 continue
             consumer = nodes[qt.consumer]
             target = f"ptq4dm_obs_{count}"
-            gm.add_submodule(target, ReservoirObserver(qt.key, self.capacity, self.seed + count))
+            groups = int(graph.meta.get("timestep_groups", 1))
+            obs_mod = (GroupedObserver(qt.key, groups, self.capacity, self.seed + count) if groups > 1
+                       else ReservoirObserver(qt.key, self.capacity, self.seed + count))
+            gm.add_submodule(target, obs_mod)
             if qt.source is not None:
                 src = nodes[qt.source]
                 with g.inserting_before(consumer):

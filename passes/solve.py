@@ -19,7 +19,7 @@ from ptq4dm.ir.graph import StepGraph
 from ptq4dm.ir.quant import QParams, lp_error, solve_minmax, solve_mse
 
 from .base import PassContext, register_pass
-from .observe import QTensor, observers, qtensors
+from .observe import GroupedObserver, QTensor, observers, qtensors
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,33 @@ class Solve:
         e_mm = lp_error(x, mm, p).mean().item()
         return qp, e, e_mm
 
+    def _solve_grouped(self, o: GroupedObserver, qt: QTensor) -> tuple[QParams, float, float]:
+        """One range per timestep group (a group with no samples takes the all-t range).
+        Errors are sample-weighted means over groups; min-max is the all-t min-max."""
+        glob, _, _ = self._solve(o.all.sample, qt, lo=o.all.min, hi=o.all.max)
+        scales, zps, errs, errs_mm, weights = [], [], [], [], []
+        for part in o.parts:
+            if part.min is None:
+                scales.append(glob.scale.reshape(())); zps.append(glob.zero_point.reshape(()))
+                continue
+            qp, e, _ = self._solve(part.sample, qt, lo=part.min, hi=part.max)
+            scales.append(qp.scale.reshape(())); zps.append(qp.zero_point.reshape(()))
+            _, _, e_mm = self._solve_minmax_only(part.sample, qt, o.all.min, o.all.max)
+            errs.append(e); errs_mm.append(e_mm); weights.append(part.seen)
+        w = torch.tensor(weights, dtype=torch.float64)
+        w = w / w.sum()
+        e = float((torch.tensor(errs, dtype=torch.float64) * w).sum())
+        e_mm = float((torch.tensor(errs_mm, dtype=torch.float64) * w).sum())
+        qp = QParams(torch.stack(scales), torch.stack(zps), glob.qmin, glob.qmax, axis=None, groups=len(scales))
+        return qp, min(e, e_mm), e_mm
+
+    def _solve_minmax_only(self, x, qt, lo, hi):
+        spec = qt.spec
+        mm = solve_minmax(torch.cat([x.reshape(-1), lo.reshape(1), hi.reshape(1)]), spec.quant_min, spec.quant_max,
+                          spec.symmetric, None, name=qt.key)
+        e = lp_error(x, mm, self.solver.p).item()
+        return mm, e, e
+
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         obs = observers(graph)
         qparams: dict[str, QParams] = graph.meta.setdefault("qparams", {})
@@ -118,7 +145,10 @@ class Solve:
                 if o is None or o.min is None:
                     raise ValueError(f"tensor {qt.key!r} has no calibration statistics: run 'observe,calibrate' "
                                      f"before 'solve'")
-                qp, e, e_mm = self._solve(o.sample, qt, lo=o.min, hi=o.max)
+                if isinstance(o, GroupedObserver):
+                    qp, e, e_mm = self._solve_grouped(o, qt)
+                else:
+                    qp, e, e_mm = self._solve(o.sample, qt, lo=o.min, hi=o.max)
             qparams[qt.key] = qp
             reports.append(TensorReport(qt.key, qt.spec.role, qt.spec.short(), float(qp.scale.float().mean()),
                                         int(qp.zero_point.reshape(-1)[0]) if qp.zero_point.numel() else 0, e, e_mm))

@@ -116,3 +116,27 @@ def test_cifar10_pipeline_ndtc64(cifar_unet):
     assert _rel(q.prev_sample, fp.prev_sample) < 0.1
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert r.report.calibration["observer_bytes"] < 200 * 2**20, peak_mib
+
+
+def test_per_timestep_scales_are_gathered_by_t(tiny_unet):
+    """timestep_groups = S: every sampler step gets its own activation / output range, and the
+    graph picks each sample's range from its own t (samples in one batch may differ)."""
+    step = _step(tiny_unet, steps=10)
+    r = ptq4dm.quantize(step, calibration=NDTC(n=40, batch_size=40), progress=False,
+                        policy=QuantPolicy(timestep_groups=10))
+    tables = [b for name, b in r.graph.gm.named_buffers() if name.startswith("ptq4dm_qp_") and name.endswith("_scale")]
+    assert tables and all(tb.shape == (10,) for tb in tables)
+    out_scale = next(b for name, b in r.graph.gm.named_buffers()
+                     if name.startswith("ptq4dm_qp_") and name.endswith("_scale") and b.unique().numel() > 1)
+    assert out_scale.unique().numel() > 1  # ranges really differ across timesteps
+    cs = r.calibration_set
+    x, t = cs.x[:6], cs.t[:6]
+    n = torch.zeros_like(x)
+    with torch.no_grad():
+        together = r.graph(x, t, n).prev_sample
+        alone = torch.cat([r.graph(x[i:i + 1].repeat(2, 1, 1, 1), t[i:i + 1].repeat(2), n[i:i + 1].repeat(2, 1, 1, 1)).prev_sample[:1]
+                           for i in range(6)])
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert all(tr.error <= tr.error_minmax * (1 + 1e-6) + 1e-30 for tr in r.report.tensors)
+    with pytest.raises(ValueError, match="timestep_groups"):
+        QuantPolicy(timestep_groups=0)

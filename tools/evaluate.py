@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""The quality table: FP vs W8A8 PTQ4DM vs the paper's baselines, on the default model.
+
+    python tools/evaluate.py --n 1000 --steps 50            # writes docs/results.md + JSON + PNG grid
+
+Every configuration samples from the same seeds (batch i uses seed ``--seed + i``), so
+fidelity to FP (PSNR of the final samples) is measured sample by sample. FID / IS / sFID are
+computed with the project's MNIST classifier (models/classifier.py): MNIST-classifier FID,
+not comparable with Inception FID. FID is against all 5,000 real digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    label: str
+    calibration: str = "ndtc"      # ndtc | uniform | single | random; "" for FP
+    solver: str = "mse"
+    weight_bits: int = 8
+    act_bits: int = 8
+    quantize_outputs: bool = True
+    per_step: bool = False          # one activation / output range per sampler step (ours)
+
+
+CONFIGS = [
+    Config("fp", "FP32", calibration=""),
+    Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
+    Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
+    Config("minmax-w8a8", "W8A8 NDTC + min-max ranges", solver="minmax"),
+    Config("uniform-w8a8", "W8A8 uniform-t calibration + MSE", calibration="uniform"),
+    Config("single-w8a8", "W8A8 single-t calibration + MSE", calibration="single"),
+    Config("random-w8a8", "W8A8 random N(0,I) calibration + MSE", calibration="random"),
+    Config("ptq4dm-w8a8-fp-outputs", "W8A8 PTQ4DM, mean/variance/x_{t-1} in FP", quantize_outputs=False),
+    Config("ptq4dm-w4a8", "W4A8 PTQ4DM", weight_bits=4),
+    Config("ptq4dm-w4a8-per-step", "W4A8 PTQ4DM + per-step act. ranges", weight_bits=4, per_step=True),
+]
+
+
+def grid_png(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 3) -> None:
+    """A labelled grid: one row per configuration, images in [-1, 1]."""
+    from PIL import Image, ImageDraw
+
+    n = rows[0][1].shape[0]
+    h, w = rows[0][1].shape[-2:]
+    label_w = 260
+    img = Image.new("L", (label_w + n * w * scale, len(rows) * h * scale), 0)
+    draw = ImageDraw.Draw(img)
+    for r, (label, x) in enumerate(rows):
+        draw.text((4, r * h * scale + h * scale // 2 - 5), label, fill=255)
+        arr = ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        for i in range(n):
+            tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
+            img.paste(tile, (label_w + i * w * scale, r * h * scale))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=200, help="samples per configuration")
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--calib-n", type=int, default=256, help="calibration samples (paper: 1024)")
+    p.add_argument("--mu", type=float, default=0.4)
+    p.add_argument("--sigma", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", default="all", help="comma-separated names, or all: " + ",".join(c.name for c in CONFIGS))
+    p.add_argument("--weights", default=None, help="a .safetensors UNet with a .json card (default: the shipped model)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out-json", default=str(REPO / "docs" / "results" / "quality.json"))
+    p.add_argument("--out-md", default=str(REPO / "docs" / "results.md"))
+    p.add_argument("--grid", default=str(REPO / "docs" / "img" / "samples.png"))
+    args = p.parse_args(argv)
+    if args.n < 2:
+        p.error("--n must be >= 2 (FID needs a covariance)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [c.name for c in CONFIGS] if args.configs == "all" else args.configs.split(",")
+    unknown = [n for n in names if n not in {c.name for c in CONFIGS}]
+    if unknown:
+        p.error(f"unknown configs {unknown}; known: {[c.name for c in CONFIGS]}")
+    if "fp" not in names:
+        names = ["fp"] + names
+    configs = [c for c in CONFIGS if c.name in names]
+
+    import ptq4dm
+    from ptq4dm.models.classifier import load_classifier
+    from ptq4dm.models.loading import load_default_unet, load_unet
+    from ptq4dm.models.metrics import classifier_stats, frechet_distance, inception_score, psnr
+    from ptq4dm.passes import MSE, NDTC, MinMax, QuantPolicy, RandomNoise, Single, Uniform
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from train import load_digits
+
+    dev = torch.device(args.device)
+    unet = (load_default_unet() if args.weights is None else load_unet(None, args.weights)).to(dev)
+    sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps).to(dev)
+    step = ptq4dm.DiffusionStep(unet, sampler).eval()
+    net = load_classifier()
+    real, _, _ = load_digits()
+    real_stats = classifier_stats(net, real)
+    shape = step.sample_shape(1)[1:]
+
+    def draw(fn, label):
+        outs = []
+        from tqdm import tqdm
+
+        for b, i in enumerate(tqdm(range(0, args.n, args.batch), desc=f"sample {label}", unit="batch", leave=False)):
+            nb = min(args.batch, args.n - i)
+            outs.append(ptq4dm.sample(fn, sampler, (nb, *shape), seed=args.seed + b, device=dev).float().cpu())
+        return torch.cat(outs)
+
+    calib_kinds = {"ndtc": NDTC(mu=args.mu, sigma=args.sigma, n=args.calib_n, seed=args.seed),
+                   "uniform": Uniform(n=args.calib_n, seed=args.seed), "single": Single(n=args.calib_n, seed=args.seed),
+                   "random": RandomNoise(n=args.calib_n, seed=args.seed)}
+    cache = REPO / ".cache" / "calibration"
+    rows, samples = [], {}
+    for cfg in configs:
+        t0 = time.perf_counter()
+        if cfg.name == "fp":
+            with torch.no_grad():
+                x = draw(step, cfg.name)
+            qinfo = {}
+        else:
+            pol = QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, quantize_outputs=cfg.quantize_outputs,
+                              timestep_groups=args.steps if cfg.per_step else 1)
+            res = ptq4dm.quantize(step, calibration=calib_kinds[cfg.calibration],
+                                  solver=MSE() if cfg.solver == "mse" else MinMax(), policy=pol, cache_dir=cache)
+            with torch.no_grad():
+                x = draw(res.graph, cfg.name)
+            qinfo = {"tensors": len(res.report.tensors), "total_error": res.report.total_error,
+                     "total_error_minmax": res.report.total_error_minmax}
+        s = classifier_stats(net, x)
+        conf, pred = s["logits"].softmax(1).max(1)
+        row = {"config": cfg.name, "label": cfg.label, "n": args.n,
+               "fid": frechet_distance(s["feat"], real_stats["feat"]),
+               "sfid": frechet_distance(s["spatial"], real_stats["spatial"]),
+               "is": inception_score(s["logits"]),
+               "confident_frac": float((conf >= 0.9).float().mean()),
+               "classes": int(pred.unique().numel()),
+               "psnr_vs_fp": psnr(x, samples["fp"]) if "fp" in samples else None,
+               "seconds": time.perf_counter() - t0, **qinfo}
+        samples[cfg.name] = x
+        rows.append(row)
+        print(f"{cfg.name:<26} FID {row['fid']:8.3f}  sFID {row['sfid']:8.3f}  IS {row['is']:6.3f}  "
+              f"conf>=0.9 {row['confident_frac']:.3f}  classes {row['classes']}  "
+              f"PSNR {row['psnr_vs_fp'] if row['psnr_vs_fp'] is not None else float('nan'):6.2f}  ({row['seconds']:.0f}s)",
+              flush=True)
+
+    fp_fid = rows[0]["fid"]
+    command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
+            "sampler": sampler.config(), "calib_n": args.calib_n, "mu": args.mu, "sigma": args.sigma, "command": command}
+    atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
+    lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
+             f"Sampler {args.sampler} {args.steps} steps; N = {args.n} samples per row from the same seeds; "
+             f"calibration N = {args.calib_n} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
+             f"Command: `{command}`", "",
+             "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ps = "—" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
+        lines.append(f"| {r['label']} | {r['fid']:.3f} | {100 * (r['fid'] - fp_fid) / fp_fid:+.1f}% | {r['sfid']:.3f} | "
+                     f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} |")
+    table = "\n".join(lines)
+    md = Path(args.out_md)
+    begin, end = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+    text = md.read_text() if md.exists() else "# Results\n\n## Quality\n\n" + begin + "\n" + end + "\n"
+    if begin not in text:
+        text += f"\n## Quality\n\n{begin}\n{end}\n"
+    pre, rest = text.split(begin, 1)
+    post = rest.split(end, 1)[1]
+    atomic_write_text(md, pre + begin + "\n" + table + "\n" + end + post)
+    grid_rows = [(c.label[:38], samples[c.name][:16]) for c in configs]
+    grid_png(grid_rows, Path(args.grid))
+    print(f"\nwrote {args.out_json}, {md}, {args.grid}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
