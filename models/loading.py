@@ -76,7 +76,9 @@ def load_unet(arch: str | dict[str, Any] | None = None, weights: str | Path | No
             card = path.with_suffix(".json")
             if not card.exists():
                 raise ValueError(f"{path} has no .json card beside it; pass the architecture (--arch)")
-            arch = json.loads(card.read_text())["unet_config"]
+            arch = json.loads(card.read_text()).get("unet_config")
+            if arch is None:
+                raise WeightsError(f"{card} has no 'unet_config': {path} is not a UNet checkpoint")
         model = build_unet(arch)
     try:
         state = load_file(str(path))

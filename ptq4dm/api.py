@@ -44,6 +44,7 @@ class QuantReport:
     timings: dict[str, float]
     calibration: dict[str, Any] = field(default_factory=dict)
     policy: str = ""
+    policy_obj: Any = None
 
     @property
     def total_error(self) -> float:
@@ -125,7 +126,7 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
                          left_in_float=list(ctx.results.get("unsupported", [])) + list(mark.get("left_in_float", [])),
                          counts=mark.get("counts", {}), timings={"capture": capture_s, **ctx.timings},
                          calibration={k: v for k, v in ctx.results.get("calibration", {}).items() if k != "timesteps"},
-                         policy=policy.describe())
+                         policy=policy.describe(), policy_obj=policy)
     graph.meta["report"] = report
     graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
     return QuantResult(graph, report, fp_graph, ctx.options.get("calibration_set"))

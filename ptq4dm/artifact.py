@@ -1,0 +1,131 @@
+"""Save a quantized step as an int8 artifact and rebuild the quantized graph from one.
+
+``save(result, step, path)`` stores int8 weights + qparams + annotations (ir/serialize.py has
+the format). ``load(path)`` rebuilds the UNet from the stored config, dequantized weights and
+float parameters, re-captures the step and re-applies the stored qparams: the rebuilt
+fake-quant graph computes exactly what the in-memory one did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptq4dm.api import QuantResult, capture_step, weights_hash
+from ptq4dm.ir.graph import StepGraph
+from ptq4dm.ir.quant import QParams, dequantize, quantize
+from ptq4dm.ir.serialize import ArtifactError, load_artifact, save_artifact
+from ptq4dm.models.samplers import make_sampler
+from ptq4dm.models.step import DiffusionStep
+from ptq4dm.passes import PassContext, PassManager, QuantPolicy
+from ptq4dm.passes.observe import qtensors
+from ptq4dm.passes.solve import getattr_path
+
+REBUILD_PIPELINE = "decompose_attention,mark,observe"
+
+
+def _weight_param_name(graph: StepGraph, node_name: str) -> str:
+    node = next(n for n in graph.graph.nodes if n.name == node_name)
+    return str(node.target)
+
+
+def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict[str, Any] | None = None) -> int:
+    """Write the artifact of ``result`` (made from ``step``). Returns its size in bytes."""
+    import ptq4dm
+
+    graph, qparams = result.fp_graph, result.graph.meta["qparams"]
+    policy: QuantPolicy = result.graph.meta["report"].policy_obj
+    tensors: dict[str, torch.Tensor] = {}
+    specs = []
+    quantized_params = set()
+    for qt in qtensors(result.graph):
+        qp = qparams[qt.key]
+        spec = {"key": qt.key, "role": qt.spec.role, "bits": qt.spec.bits, "qmin": qp.qmin, "qmax": qp.qmax,
+                "axis": qp.axis, "groups": qp.groups, "symmetric": qt.spec.symmetric, "consumer": qt.consumer,
+                "source": qt.source}
+        if qt.spec.role == "weight":
+            pname = _weight_param_name(result.fp_graph, qt.source)
+            w = getattr_path(result.fp_graph.gm, qt.source, result.fp_graph).detach().float()
+            tensors[f"w/{qt.key}"] = quantize(w, qp, torch.int8 if qt.spec.bits <= 8 else torch.int16)
+            tensors[f"w_scale/{qt.key}"], tensors[f"w_zp/{qt.key}"] = qp.scale.float(), qp.zero_point
+            spec["param"] = pname
+            quantized_params.add(pname.removeprefix("unet."))
+        else:
+            tensors[f"a_scale/{qt.key}"], tensors[f"a_zp/{qt.key}"] = qp.scale.float(), qp.zero_point
+        specs.append(spec)
+    for name, p in step.unet.state_dict().items():
+        if name not in quantized_params:
+            tensors[f"fp/{name}"] = p
+    header = {"unet_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(step.unet.config).items()
+                              if not k.startswith("_")},
+              "sampler": step.sampler.config(), "policy": dataclasses.asdict(policy),
+              "fp_weights_sha256": weights_hash(step.unet), "ptq4dm_version": ptq4dm.__version__,
+              "torch_version": torch.__version__, "specs": specs, **(extra or {})}
+    return save_artifact(path, tensors, header)
+
+
+def _sampler_from_config(cfg: dict):
+    cfg = dict(cfg)
+    kind = cfg.pop("kind")
+    return make_sampler(kind, **{k: v for k, v in cfg.items()})
+
+
+def load(path: str | Path, expect_fp_weights: torch.nn.Module | None = None, device: str | torch.device = "cpu",
+         progress: bool = False) -> tuple[StepGraph, DiffusionStep, dict]:
+    """Rebuild ``(quantized graph, dequantized step, header)`` from an artifact.
+
+    ``expect_fp_weights``: the FP UNet the artifact should have been made from; a hash mismatch
+    raises ``ArtifactError``.
+    """
+    from diffusers import UNet2DModel
+
+    tensors, header = load_artifact(path)
+    if expect_fp_weights is not None:
+        got = weights_hash(expect_fp_weights)
+        if got != header["fp_weights_sha256"]:
+            raise ArtifactError(f"{path} was made from other FP weights (sha256 {header['fp_weights_sha256'][:12]}..., "
+                                f"these are {got[:12]}...); quantize this model again")
+    try:
+        unet = UNet2DModel.from_config(header["unet_config"])
+        sampler = _sampler_from_config(header["sampler"])
+        policy = QuantPolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in header["policy"].items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: the header's model / sampler / policy config is invalid: {e}") from None
+    state = unet.state_dict()
+    new_state = {}
+    specs = {s["key"]: s for s in header["specs"]}
+    qps: dict[str, QParams] = {}
+    for key, s in specs.items():
+        prefix = "w" if s["role"] == "weight" else "a"
+        try:
+            qp = QParams(tensors[f"{prefix}_scale/{key}"], tensors[f"{prefix}_zp/{key}"], s["qmin"], s["qmax"],
+                         s["axis"], s["groups"])
+        except KeyError as e:
+            raise ArtifactError(f"{path}: tensor {e} is missing; the file is incomplete") from None
+        qps[key] = qp
+        if s["role"] == "weight":
+            name = s["param"].removeprefix("unet.")
+            new_state[name] = dequantize(tensors[f"w/{key}"], qp).reshape(state[name].shape)
+    for k, v in tensors.items():
+        if k.startswith("fp/"):
+            new_state[k[3:]] = v
+    missing = sorted(set(state) - set(new_state))
+    if missing:
+        raise ArtifactError(f"{path}: parameters missing from the artifact: {missing[:5]}")
+    unet.load_state_dict(new_state)
+    step = DiffusionStep(unet.to(device), sampler.to(device)).eval()
+    graph = capture_step(step, device=device)
+    ctx = PassContext(progress=progress)
+    PassManager.from_pipeline(REBUILD_PIPELINE, pass_options={"mark": {"policy": policy}}).run(graph, ctx)
+    rebuilt = {qt.key for qt in qtensors(graph)}
+    if rebuilt != set(specs):
+        diff = sorted(rebuilt ^ set(specs))[:5]
+        raise ArtifactError(f"{path}: the rebuilt graph's quantized tensors differ from the artifact's ({diff}); "
+                            f"it was made with another ptq4dm / torch version ({header.get('ptq4dm_version')}, "
+                            f"{header.get('torch_version')})")
+    graph.meta["qparams"] = {k: q.to(device) for k, q in qps.items()}
+    PassManager.from_pipeline("fakequant").run(graph, ctx)
+    return graph, step, header
