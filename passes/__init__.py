@@ -6,6 +6,7 @@
     calibrate            NDTC (or a baseline) calibration through the observers
     solve                MSE (or min-max) range solver -> qparams
     fakequant            the simulated quantized graph
+    lower                int8 ops (reference on CPU, Triton on CUDA)
 """
 
 from .base import (PASS_REGISTRY, Pass, PassContext, PassManager, PipelineError, VerificationError,
@@ -13,6 +14,7 @@ from .base import (PASS_REGISTRY, Pass, PassContext, PassManager, PipelineError,
 from .calibrate import NDTC, Calibrate, CalibrationSet, RandomNoise, Single, Uniform, make_calibration_set
 from .decompose_attention import DecomposeAttention
 from .fakequant import FakeQuant
+from .lower import Lower
 from .mark import Mark, QuantPolicy
 from .observe import Observe, ReservoirObserver
 from .solve import MSE, MinMax, Solve, TensorReport
@@ -21,5 +23,5 @@ DEFAULT_PIPELINE = "decompose_attention,mark,observe,calibrate,solve,fakequant"
 
 __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "PassManager", "PipelineError", "VerificationError",
            "parse_pipeline", "register_pass", "NDTC", "Uniform", "Single", "RandomNoise", "Calibrate",
-           "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Mark", "QuantPolicy",
+           "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Lower", "Mark", "QuantPolicy",
            "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE"]

@@ -245,7 +245,9 @@ class Calibrate:
         table = group_table(graph.meta["sampler"], groups) if groups > 1 else None
         gen = torch.Generator().manual_seed(self.seed)
         device = graph.example_inputs[0].device
-        batches = list(cs.batches(self.batch_size))
+        # a static graph (e.g. the batch-1 capture) takes exactly its captured batch size
+        size = self.batch_size if graph.dynamic_batch else int(graph.example_inputs[0].shape[0])
+        batches = [b for b in cs.batches(size) if graph.dynamic_batch or b[0].shape[0] == size]
         if ctx.progress:
             from tqdm import tqdm
 

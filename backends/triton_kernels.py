@@ -1,0 +1,165 @@
+"""Triton int8 kernels: an int8 GEMM and an NHWC implicit-GEMM convolution, both accumulating
+in int32 with a fused epilogue (zero-point correction, per-channel weight scale x per-row
+activation scale, bias). Tested on the CPU under ``TRITON_INTERPRET=1`` against
+backends/reference.py (same conventions, documented there).
+
+Kernel, launcher and reference side by side, as in Triton's tutorials. No autotuning here:
+block sizes are parameters; GPU tuning is the GPU-speed issue's work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # triton is an optional (test / GPU) dependency
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _epilogue(acc, offs_m, offs_n, M, N, rows_per_sample, x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr,
+                  bias_ptr, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        mask_m, mask_n = offs_m < M, offs_n < N
+        if PER_SAMPLE:
+            sample = offs_m // rows_per_sample
+            zp = tl.load(x_zp_ptr + sample, mask=mask_m, other=0)
+            sx = tl.load(x_scale_ptr + sample, mask=mask_m, other=0.0)
+        else:
+            zp = tl.load(x_zp_ptr + offs_m * 0, mask=mask_m, other=0)
+            sx = tl.load(x_scale_ptr + offs_m * 0, mask=mask_m, other=0.0)
+        wsum = tl.load(w_sum_ptr + offs_n, mask=mask_n, other=0)
+        acc = acc - zp[:, None] * wsum[None, :]
+        sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        out = acc.to(tl.float32) * (sx[:, None] * sw[None, :])
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        return acc, out
+
+    @triton.jit
+    def int8_gemm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, M, N, K, rows_per_sample,
+                         x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr,
+                         stride_am, stride_ak, stride_bk, stride_bn,
+                         PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[M, N] = dequant(A[M, K] int8 @ B[K, N] int8) with the epilogue above."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0)
+            b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                        mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0)
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+        acc, out = _epilogue(acc, offs_m, offs_n, M, N, rows_per_sample, x_zp_ptr, x_scale_ptr, w_sum_ptr,
+                             w_scale_ptr, bias_ptr, PER_SAMPLE, HAS_BIAS)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
+        if WRITE_ACC:
+            tl.store(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+    @triton.jit
+    def int8_conv_kernel(x_ptr, w_ptr, out_ptr, acc_ptr, B, H, W, C, OH, OW, N, K,
+                         x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr,
+                         STRIDE: tl.constexpr, PAD: tl.constexpr, KW: tl.constexpr,
+                         PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Implicit-GEMM conv: rows m = (b, oh, ow), columns n = output channel, reduction
+        k = (i*KW + j)*C + c over the packed weight (K, N). Input NHWC int8; padded taps load the
+        sample's zero point, so they contribute exactly 0 after the correction."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        M = B * OH * OW
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        b_idx = offs_m // (OH * OW)
+        rem = offs_m % (OH * OW)
+        oh, ow = rem // OW, rem % OW
+        if PER_SAMPLE:
+            zp_row = tl.load(x_zp_ptr + b_idx, mask=offs_m < M, other=0)
+        else:
+            zp_row = tl.load(x_zp_ptr + b_idx * 0, mask=offs_m < M, other=0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            tap = kk // C
+            c = kk % C
+            i, j = tap // KW, tap % KW
+            ih = oh[:, None] * STRIDE - PAD + i[None, :]
+            iw = ow[:, None] * STRIDE - PAD + j[None, :]
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            valid = (offs_m[:, None] < M) & (kk[None, :] < K)
+            ptrs = x_ptr + ((b_idx[:, None] * H + ih) * W + iw) * C + c[None, :]
+            a = tl.load(ptrs, mask=valid & inside, other=0)
+            a = tl.where(valid & ~inside, zp_row[:, None].to(tl.int8), a)
+            w = tl.load(w_ptr + kk[:, None] * N + offs_n[None, :], mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0)
+            acc += tl.dot(a, w, out_dtype=tl.int32)
+        acc, out = _epilogue(acc, offs_m, offs_n, M, N, OH * OW, x_zp_ptr, x_scale_ptr, w_sum_ptr,
+                             w_scale_ptr, bias_ptr, PER_SAMPLE, HAS_BIAS)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
+        if WRITE_ACC:
+            tl.store(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+def _need_triton():
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed: pip install triton (or ptq4dm[test])")
+
+
+def _vec(v: torch.Tensor, dtype, device) -> torch.Tensor:
+    return v.reshape(-1).to(device=device, dtype=dtype).contiguous()
+
+
+def int8_gemm(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
+              w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+              rows_per_sample: int | None = None, return_acc: bool = False,
+              block_m: int = 16, block_n: int = 16, block_k: int = 16):
+    """xq (M, K) int8, w_packed (K, N) int8 -> float32 (M, N) [, int32 acc]."""
+    _need_triton()
+    M, K = xq.shape
+    N = w_packed.shape[1]
+    dev = xq.device
+    per_sample = x_zp.dim() > 0
+    out = torch.empty((M, N), dtype=torch.float32, device=dev)
+    acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    int8_gemm_kernel[grid](xq, w_packed, out, acc, M, N, K, rows_per_sample or M,
+                           _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
+                           _vec(w_scale, torch.float32, dev), bias if bias is not None else out,
+                           xq.stride(0), xq.stride(1), w_packed.stride(0), w_packed.stride(1),
+                           PER_SAMPLE=per_sample, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return (out, acc) if return_acc else out
+
+
+def int8_conv2d_nhwc(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
+                     w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, kh: int, kw: int,
+                     stride: int = 1, padding: int = 0, return_acc: bool = False,
+                     block_m: int = 16, block_n: int = 16, block_k: int = 16):
+    """xq (B, H, W, C) int8 NHWC, w_packed (KH*KW*C, N) -> float32 (B, OH, OW, N) [, int32 acc (M, N)]."""
+    _need_triton()
+    B, H, W, C = xq.shape
+    N, K = w_packed.shape[1], w_packed.shape[0]
+    OH, OW = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    M = B * OH * OW
+    dev = xq.device
+    out = torch.empty((M, N), dtype=torch.float32, device=dev)
+    acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    int8_conv_kernel[grid](xq.contiguous(), w_packed, out, acc, B, H, W, C, OH, OW, N, K,
+                           _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
+                           _vec(w_scale, torch.float32, dev), bias if bias is not None else out,
+                           STRIDE=stride, PAD=padding, KW=kw, PER_SAMPLE=x_zp.dim() > 0, HAS_BIAS=bias is not None,
+                           WRITE_ACC=return_acc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    out = out.reshape(B, OH, OW, N)
+    return (out, acc) if return_acc else out

@@ -1,0 +1,116 @@
+"""int8 kernels and the lower pass on the CPU: Triton under TRITON_INTERPRET=1 against the
+integer-exact reference, and the lowered graph against the fake-quant graph."""
+
+import copy
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ptq4dm
+from ptq4dm.backends import reference as R
+from ptq4dm.ir.graph import StepGraph
+from ptq4dm.models.samplers import make_sampler
+from ptq4dm.models.step import DiffusionStep
+from ptq4dm.passes import NDTC, PassContext, PassManager, QuantPolicy
+
+triton_kernels = pytest.importorskip("ptq4dm.backends.triton_kernels")
+needs_interpreter = pytest.mark.skipif(
+    not (triton_kernels.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton with TRITON_INTERPRET=1 (set by tests/conftest.py) to run kernels on the CPU")
+
+
+def _codes(shape, g, lo=-128):
+    return torch.randint(lo, 128, shape, generator=g, dtype=torch.int8)
+
+
+@needs_interpreter
+@given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 24), per_sample=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_int8_gemm_kernel_matches_reference(m, k, n, per_sample, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    xq, wq = _codes((m, k), g), _codes((n, k), g, -127)
+    if per_sample and m % 2 == 0:
+        zp, sx, rps = torch.randint(-128, 128, (2,), generator=g).int(), torch.rand(2, generator=g) + 0.01, m // 2
+    else:
+        zp, sx, rps = torch.randint(-128, 128, (), generator=g).int(), torch.rand((), generator=g) + 0.01, m
+    sw, b = torch.rand(n, generator=g) * 0.01, (torch.randn(n, generator=g) if bias else None)
+    out, acc = triton_kernels.int8_gemm(xq, zp, sx, wq.T.contiguous(), wq.int().sum(1), sw, b,
+                                        rows_per_sample=rps, return_acc=True)
+    want_acc = R.int8_linear_acc(xq, zp, wq, rps)
+    assert torch.equal(acc, want_acc)                      # exact int32 accumulation
+    want = R.epilogue(want_acc, sx, sw, b, rps)
+    assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)  # epilogue within float rounding
+
+
+@needs_interpreter
+@given(b=st.integers(1, 2), c=st.integers(1, 5), h=st.integers(1, 7), w=st.integers(1, 7), oc=st.integers(1, 6),
+       ks=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]),
+       per_sample=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_int8_conv_kernel_matches_reference(b, c, h, w, oc, ks, stride, pad, per_sample, seed):
+    if h + 2 * pad < ks or w + 2 * pad < ks:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x, wq = _codes((b, h, w, c), g), _codes((oc, c, ks, ks), g, -127)
+    if per_sample:
+        zp, sx = torch.randint(-128, 128, (b,), generator=g).int(), torch.rand(b, generator=g) + 0.01
+    else:
+        zp, sx = torch.randint(-128, 128, (), generator=g).int(), torch.rand((), generator=g) + 0.01
+    sw, bias = torch.rand(oc, generator=g) * 0.01, torch.randn(oc, generator=g)
+    wp = R.pack_conv_weight(wq)
+    out, acc = triton_kernels.int8_conv2d_nhwc(x, zp, sx, wp.T.contiguous(), wp.int().sum(1), sw, bias, ks, ks,
+                                               stride, pad, return_acc=True, block_k=8)
+    want_acc, oh, ow = R.int8_conv2d_acc(x, zp, wq, stride, pad)
+    assert torch.equal(acc, want_acc)
+    want = R.epilogue(want_acc, sx, sw, bias, oh * ow).reshape(b, oh, ow, oc)
+    assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+@given(seed=st.integers(0, 2**31 - 1), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]))
+def test_reference_conv_equals_float_conv_of_dequantized_values(seed, stride, pad):
+    """The oracle itself: int8 conv + epilogue == float conv on the dequantized operands."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 6, 5, generator=g)
+    s, z = torch.tensor(0.03), torch.tensor(7, dtype=torch.int32)
+    wq, ws, bias = _codes((4, 3, 3, 3), g, -127), torch.rand(4, generator=g) * 0.01, torch.randn(4, generator=g)
+    got = R.int8_conv2d(x, s, z, wq, ws, bias, stride, pad)
+    xd = (R.quantize_act(x, s, z).float() - 7) * 0.03
+    want = torch.nn.functional.conv2d(xd, wq.float() * ws[:, None, None, None], bias, stride=stride, padding=pad)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 5])
+def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
+    step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
+    r = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False, policy=QuantPolicy(timestep_groups=groups))
+    fq = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
+    ctx = PassContext(progress=False)
+    PassManager.from_pipeline("lower").run(r.graph, ctx)
+    counts = ctx.results["lower"]["counts"]
+    assert counts == {"qconv2d": r.report.counts["conv"], "qlinear": r.report.counts["linear"],
+                      "qmatmul": r.report.counts["attn_matmul"]}
+    assert not any(n.target is torch.ops.aten.conv2d.default for n in r.graph.graph.nodes)
+    assert any(b.dtype == torch.int8 for b in r.graph.gm.buffers())
+    cs = r.calibration_set
+    for batch in (1, 4):  # batch 1 through the dynamic graph is not allowed; use repeat for it
+        x, t = cs.x[:max(batch, 2)], cs.t[:max(batch, 2)]
+        n = torch.randn(x.shape, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            low, ref = r.graph(x, t, n), fq(x, t, n)
+        for a, b in zip(low, ref):
+            # the output quantizer's step bounds the difference (rounding can flip one code)
+            assert (a - b).abs().max() <= 1.01 * r.graph.meta["qparams"][
+                next(k for k in r.graph.meta["qparams"] if k.endswith(":out"))].scale.max() + 1e-6
+
+
+def test_batch1_static_graph_lowers_and_runs(tiny_unet):
+    step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
+    graph = ptq4dm.capture_step(step, batch=1, dynamic_batch=False)
+    r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False, graph=graph)
+    PassManager.from_pipeline("lower").run(r.graph, PassContext(progress=False))
+    x, t, n = r.calibration_set.x[:1], r.calibration_set.t[:1], torch.zeros(1, 1, 8, 8)
+    with torch.no_grad():
+        out = r.graph(x, t, n)
+    assert out.prev_sample.shape == (1, 1, 8, 8) and torch.isfinite(out.prev_sample).all()
