@@ -36,7 +36,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 #            "a_scale/<key>", "a_zp/<key>"   activation / output ranges (tables if per-timestep)
 #   metadata "ptq4dm": JSON header: format version, unet and sampler config, policy, pipeline,
 #            ptq4dm and torch versions, sha256 of the FP weights, per-tensor specs, and
-#            "content_sha256" over every stored tensor (detects corruption).
+#            "content_sha256" over the rest of the header and every stored tensor (detects corruption).
 
 ARTIFACT_VERSION = 1
 
@@ -45,10 +45,13 @@ class ArtifactError(ValueError):
     """An artifact that cannot be loaded: named, with what to do."""
 
 
-def _content_hash(tensors: dict) -> str:
+def _content_hash(tensors: dict, header: dict) -> str:
+    """sha256 over the header (canonical JSON, without this hash) and every tensor."""
     import hashlib
+    import json
 
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in header.items() if k != "content_sha256"}, sort_keys=True).encode())
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(k.encode()); h.update(str(t.dtype).encode()); h.update(str(tuple(t.shape)).encode())
@@ -63,7 +66,8 @@ def save_artifact(path, tensors: dict, header: dict) -> int:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {**header, "format": "ptq4dm-artifact", "version": ARTIFACT_VERSION, "content_sha256": _content_hash(tensors)}
+    header = {**header, "format": "ptq4dm-artifact", "version": ARTIFACT_VERSION}
+    header["content_sha256"] = _content_hash(tensors, header)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"ptq4dm": json.dumps(header, sort_keys=True)}))
     return Path(path).stat().st_size
 
@@ -95,6 +99,6 @@ def load_artifact(path) -> tuple[dict, dict]:
     if header.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(f"{path}: artifact version {header.get('version')} but this ptq4dm reads "
                             f"version {ARTIFACT_VERSION}; re-run tools/quantize.py")
-    if _content_hash(tensors) != header.get("content_sha256"):
-        raise ArtifactError(f"{path}: tensor contents do not match the header's sha256: the file is corrupted")
+    if _content_hash(tensors, header) != header.get("content_sha256"):
+        raise ArtifactError(f"{path}: contents do not match the artifact's sha256: the file is corrupted")
     return tensors, header

@@ -1,0 +1,32 @@
+"""tools/bench.py runs on the CPU (small) and writes the record format the results use.
+It asserts the format and that every config ran; it asserts no speed (speed is measured, not tested)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "tools/bench.py", "--models", "tiny", "--batches", "1,2", "--configs",
+                        "fp32-eager,bf16-eager,ptq4dm-w8a8", "--iters", "1", "--warmup", "0", "--chain", "2",
+                        "--out-json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = json.loads(out.read_text())
+    assert {(x["batch"], x["config"]) for x in recs} == {(b, c) for b in (1, 2) for c in ("fp32-eager", "bf16-eager", "ptq4dm-w8a8")}
+    for x in recs:
+        assert "error" not in x, x
+        assert {"device", "model", "batch", "config", "ms_per_step"} <= set(x) and x["ms_per_step"] > 0
+        assert x["model"] == "tiny" and x["device"].startswith("cpu")
+    extras = json.loads(out.with_suffix(".extras.json").read_text())
+    w = extras["weights"]["tiny"]
+    assert w["fp32_bytes"] == 2 * w["bf16_bytes"] and w["int8_artifact_bytes"] > 0
+    assert "| tiny | 2 | ptq4dm-w8a8 |" in out.with_suffix(".md").read_text()
+    r = subprocess.run([sys.executable, "tools/bench.py", "--configs", "fp64-magic"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "unknown configs" in r.stderr
