@@ -16,7 +16,7 @@ from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
 from ptq4dm.passes import NDTC, PassContext, PassManager, QuantPolicy
 
-triton_kernels = pytest.importorskip("ptq4dm.backends.triton_kernels")
+from ptq4dm.backends import triton_kernels  # imports without triton (HAVE_TRITON = False)
 needs_interpreter = pytest.mark.skipif(
     not (triton_kernels.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs triton with TRITON_INTERPRET=1 (set by tests/conftest.py) to run kernels on the CPU")
