@@ -38,7 +38,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 #            ptq4dm and torch versions, sha256 of the FP weights, per-tensor specs, and
 #            "content_sha256" over the rest of the header and every stored tensor (detects corruption).
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: content_sha256 also covers the header
 
 
 class ArtifactError(ValueError):

@@ -147,3 +147,5 @@ def test_cli_quantize_then_sample(tmp_path):
     r = run_tool("tools/sample.py", str(out), "--n", "4", "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "s.png").stat().st_size > 100
+    r = run_tool("tools/sample.py", str(out), "--n", "2", "--lower", "--out", str(tmp_path / "s8.png"))
+    assert r.returncode == 0 and "lowered to int8 ops" in r.stdout, r.stderr[-3000:]

@@ -19,11 +19,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG path (default: beside the artifact)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--lower", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the int8 lower pass (default: on for cuda, off for cpu, where the int8 ops are the slow "
+                        "integer-exact reference)")
     p.add_argument("--check-weights", default=None,
                    help="FP weights the artifact must have been made from ('default' or a path)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
+    import torch
+
     import ptq4dm
     from evaluate import grid_png
     from ptq4dm.artifact import load
@@ -34,14 +40,22 @@ def main(argv: list[str] | None = None) -> int:
         expect = None
         if args.check_weights:
             expect = load_default_unet() if args.check_weights == "default" else load_unet(None, args.check_weights)
-        graph, step, header = load(args.artifact, expect_fp_weights=expect)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        graph, step, header = load(args.artifact, expect_fp_weights=expect, device=device)
     except (ArtifactError, FileNotFoundError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    x = ptq4dm.sample(graph, step.sampler, step.sample_shape(args.n), seed=args.seed, progress=True)
+    lower = args.lower if args.lower is not None else device == "cuda"
+    if lower:
+        from ptq4dm.passes import PassContext, PassManager
+
+        ctx = PassContext(progress=False)
+        PassManager.from_pipeline("lower").run(graph, ctx)
+        print(f"lowered to int8 ops: {ctx.results['lower']['counts']}")
+    x = ptq4dm.sample(graph, step.sampler, step.sample_shape(args.n), seed=args.seed, device=device, progress=True)
     out = Path(args.out) if args.out else Path(args.artifact).with_suffix(".samples.png")
     pol = header["policy"]
-    grid_png([(f"W{pol['weight_bits']}A{pol['act_bits']} (artifact)", x)], out)
+    grid_png([(f"W{pol['weight_bits']}A{pol['act_bits']} ({'int8 ops' if lower else 'fake-quant'})", x.float().cpu())], out)
     print(f"wrote {out} ({args.n} samples, {header['sampler']['kind']} {header['sampler']['num_inference_steps']} steps)")
     return 0
 
