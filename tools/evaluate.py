@@ -131,6 +131,36 @@ def main(argv: list[str] | None = None) -> int:
                    "uniform": Uniform(n=args.calib_n, seed=args.seed), "single": Single(n=args.calib_n, seed=args.seed),
                    "random": RandomNoise(n=args.calib_n, seed=args.seed)}
     cache = REPO / ".cache" / "calibration"
+    def write_outputs(rows, final: bool) -> str:
+        fp_fid = rows[0]["fid"]
+        command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        meta = {"date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
+                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
+                "sampler": sampler.config(), "calib_n": args.calib_n, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final}
+        atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
+        lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
+                 f"Sampler {args.sampler} {args.steps} steps; N = {args.n} samples per row from the same seeds; "
+                 f"calibration N = {args.calib_n} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
+                 f"Command: `{command}`", "",
+                 "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ps = "—" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
+            lines.append(f"| {r['label']} | {r['fid']:.3f} | {100 * (r['fid'] - fp_fid) / fp_fid:+.1f}% | {r['sfid']:.3f} | "
+                         f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} |")
+        if not final:
+            lines.append(f"\n(partial: {len(rows)} of {len(configs)} configurations so far; the run was still going or was stopped)")
+        table = "\n".join(lines)
+        md = Path(args.out_md)
+        begin, end = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+        text = md.read_text() if md.exists() else "# Results\n\n## Quality\n\n" + begin + "\n" + end + "\n"
+        if begin not in text:
+            text += f"\n## Quality\n\n{begin}\n{end}\n"
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1]
+        atomic_write_text(md, pre + begin + "\n" + table + "\n" + end + post)
+        return table
+
     rows, samples = [], {}
     for cfg in configs:
         t0 = time.perf_counter()
@@ -163,35 +193,12 @@ def main(argv: list[str] | None = None) -> int:
               f"conf>=0.9 {row['confident_frac']:.3f}  classes {row['classes']}  "
               f"PSNR {row['psnr_vs_fp'] if row['psnr_vs_fp'] is not None else float('nan'):6.2f}  ({row['seconds']:.0f}s)",
               flush=True)
+        write_outputs(rows, final=False)  # a run cut short keeps the rows it finished
 
-    fp_fid = rows[0]["fid"]
-    command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
-            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
-            "sampler": sampler.config(), "calib_n": args.calib_n, "mu": args.mu, "sigma": args.sigma, "command": command}
-    atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
-    lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
-             f"Sampler {args.sampler} {args.steps} steps; N = {args.n} samples per row from the same seeds; "
-             f"calibration N = {args.calib_n} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
-             f"Command: `{command}`", "",
-             "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ps = "—" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
-        lines.append(f"| {r['label']} | {r['fid']:.3f} | {100 * (r['fid'] - fp_fid) / fp_fid:+.1f}% | {r['sfid']:.3f} | "
-                     f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} |")
-    table = "\n".join(lines)
-    md = Path(args.out_md)
-    begin, end = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
-    text = md.read_text() if md.exists() else "# Results\n\n## Quality\n\n" + begin + "\n" + end + "\n"
-    if begin not in text:
-        text += f"\n## Quality\n\n{begin}\n{end}\n"
-    pre, rest = text.split(begin, 1)
-    post = rest.split(end, 1)[1]
-    atomic_write_text(md, pre + begin + "\n" + table + "\n" + end + post)
+    table = write_outputs(rows, final=True)
     grid_rows = [(c.label[:38], samples[c.name][:16]) for c in configs]
     grid_png(grid_rows, Path(args.grid))
-    print(f"\nwrote {args.out_json}, {md}, {args.grid}")
+    print(f"\nwrote {args.out_json}, {args.out_md}, {args.grid}")
     print(table)
     return 0
 
