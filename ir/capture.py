@@ -63,9 +63,8 @@ def _export_friendly(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _module_tracker(model: nn.Module) -> Iterator[list[str]]:
     """Keep the stack of module paths being executed, to name where tracing failed."""
-    stack: list[str] = []
+    stack: list[str] = []  # post-hooks do not run on an exception, so the failing path stays on top
     handles = []
-    last_failed: list[str] = []
 
     def pre(path):
         def hook(mod, args):
@@ -83,9 +82,6 @@ def _module_tracker(model: nn.Module) -> Iterator[list[str]]:
         handles.append(mod.register_forward_hook(post(path or "<root>")))
     try:
         yield stack
-    except BaseException:
-        last_failed[:] = stack
-        raise
     finally:
         for h in handles:
             h.remove()
