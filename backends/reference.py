@@ -60,7 +60,7 @@ def int8_linear(x: torch.Tensor, x_scale, x_zp, wq, w_scale, bias=None, qmin: in
     """Quantize x (.., K), int8 GEMM with int32 accumulation, dequant + bias epilogue. float32 out."""
     lead = x.shape[:-1]
     xq = quantize_act(x, x_scale, x_zp, qmin, qmax).reshape(-1, x.shape[-1])
-    rps = xq.shape[0] // (x_scale.numel() if x_scale.dim() else 1) if x_scale.dim() else xq.shape[0]
+    rps = xq.shape[0] // x_scale.numel() if x_scale.dim() else xq.shape[0]  # rows per sample
     acc = int8_linear_acc(xq, x_zp, wq, rps)
     return epilogue(acc, x_scale, w_scale, bias, rps).reshape(*lead, wq.shape[0])
 
