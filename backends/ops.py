@@ -9,7 +9,7 @@ Each takes *float* activations with their solved range (x_scale / x_zp: () or pe
 quantizes them, runs an int8 x int8 -> int32 product and dequantizes in the epilogue; weights
 are pre-packed int8 with per-output-channel scales. CPU: the integer-exact reference
 (backends/reference.py). CUDA: the Triton kernels (backends/triton_kernels.py); the conv goes
-through NHWC.
+through NHWC, the attention matmul through a batched int8 kernel.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ def _(x, x_scale, x_zp, wq, w_scale, bias, stride, padding, qmin, qmax):
 @torch.library.custom_op("ptq4dm::qmatmul", mutates_args=())
 def qmatmul(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
             b_zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    if _use_triton(a):
+        from .triton_kernels import int8_bmm
+
+        aq, bq = ref.quantize_act(a, a_scale, a_zp, qmin, qmax), ref.quantize_act(b, b_scale, b_zp, qmin, qmax)
+        return int8_bmm(aq, a_zp, a_scale, bq, b_zp, b_scale).to(a.dtype)
     return ref.int8_matmul(a, a_scale, a_zp, b, b_scale, b_zp, qmin, qmax).to(a.dtype)
 
 

@@ -101,14 +101,18 @@ def int8_conv2d(x: torch.Tensor, x_scale, x_zp, wq, w_scale, bias=None, stride: 
     return out.reshape(B, OH, OW, -1).permute(0, 3, 1, 2)
 
 
+def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A () or (B,) value shaped to broadcast against a (B, ..) tensor of ``ndim`` dims."""
+    return v.reshape([-1] + [1] * (ndim - 1)) if v.dim() else v
+
+
+def int8_matmul_acc(aq: torch.Tensor, a_zp: torch.Tensor, bq: torch.Tensor, b_zp: torch.Tensor) -> torch.Tensor:
+    """int32 accumulator of an activation x activation int8 matmul: sum_k (a - za)(b - zb)."""
+    za, zb = _per_sample(a_zp.long(), aq.dim()), _per_sample(b_zp.long(), bq.dim())
+    return _check_int32((aq.long() - za) @ (bq.long() - zb))
+
+
 def int8_matmul(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, qmin: int = -128, qmax: int = 127) -> torch.Tensor:
     """Both operands activations (attention): (.., M, K) @ (.., K, N), per-tensor or per-sample ranges."""
-    aq = quantize_act(a, a_scale, a_zp, qmin, qmax).long()
-    bq = quantize_act(b, b_scale, b_zp, qmin, qmax).long()
-    shape = [-1] + [1] * (a.dim() - 1)
-    za = a_zp.reshape(shape).long() if a_zp.dim() else a_zp.long()
-    zb = b_zp.reshape(shape).long() if b_zp.dim() else b_zp.long()
-    acc = _check_int32((aq - za) @ (bq - zb))
-    sa = a_scale.reshape(shape).float() if a_scale.dim() else a_scale.float()
-    sb = b_scale.reshape(shape).float() if b_scale.dim() else b_scale.float()
-    return acc.float() * (sa * sb)
+    acc = int8_matmul_acc(quantize_act(a, a_scale, a_zp, qmin, qmax), a_zp, quantize_act(b, b_scale, b_zp, qmin, qmax), b_zp)
+    return acc.float() * (_per_sample(a_scale.float(), a.dim()) * _per_sample(b_scale.float(), b.dim()))

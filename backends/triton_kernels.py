@@ -111,6 +111,44 @@ if HAVE_TRITON:
             tl.store(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
+    @triton.jit
+    def int8_bmm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, M, N, K, groups_per_sample,
+                        a_zp_ptr, a_scale_ptr, b_zp_ptr, b_scale_ptr,
+                        stride_ag, stride_am, stride_ak, stride_bg, stride_bk, stride_bn,
+                        WRITE_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[g] = dequant(A[g] (M, K) int8 @ B[g] (K, N) int8), both operands activations with
+        one zero point / scale per sample (g // groups_per_sample). The zero points are corrected
+        after the int8 dot from row sums of A and column sums of B accumulated in the same loop:
+            sum_k (a - za)(b - zb) = sum_k ab - zb * sum_k a - za * sum_k b + K za zb."""
+        pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        sample = g // groups_per_sample
+        za = tl.load(a_zp_ptr + sample)
+        zb = tl.load(b_zp_ptr + sample)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        col_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        a_base = a_ptr + g.to(tl.int64) * stride_ag
+        b_base = b_ptr + g.to(tl.int64) * stride_bg
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            a = tl.load(a_base + offs_m[:, None] * stride_am + kk[None, :] * stride_ak,
+                        mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0)
+            b = tl.load(b_base + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                        mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0)
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+            row_sum += tl.sum(a.to(tl.int32), axis=1)
+            col_sum += tl.sum(b.to(tl.int32), axis=0)
+        acc = acc - zb * row_sum[:, None] - za * col_sum[None, :] + K * za * zb
+        out = acc.to(tl.float32) * (tl.load(a_scale_ptr + sample) * tl.load(b_scale_ptr + sample))
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + g.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
+        if WRITE_ACC:
+            tl.store(acc_ptr + g.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
 def _need_triton():
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed: pip install triton (or ptq4dm[test])")
@@ -163,3 +201,33 @@ def int8_conv2d_nhwc(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor
                            WRITE_ACC=return_acc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     out = out.reshape(B, OH, OW, N)
     return (out, acc) if return_acc else out
+
+
+def int8_bmm(aq: torch.Tensor, a_zp: torch.Tensor, a_scale: torch.Tensor, bq: torch.Tensor, b_zp: torch.Tensor,
+             b_scale: torch.Tensor, return_acc: bool = False, block_m: int = 16, block_n: int = 16, block_k: int = 16):
+    """aq (.., M, K) int8 @ bq (.., K, N) int8 -> float32 (.., M, N) [, int32 acc]; the leading dims
+    start with the batch; a_zp / a_scale / b_zp / b_scale are () or (B,) (one per sample)."""
+    _need_triton()
+    lead, (M, K), N = aq.shape[:-2], aq.shape[-2:], bq.shape[-1]
+    if bq.shape[:-2] != lead or bq.shape[-2] != K:
+        raise ValueError(f"int8_bmm: shapes {tuple(aq.shape)} @ {tuple(bq.shape)} do not match")
+    G = 1
+    for d in lead:
+        G *= d
+    B = lead[0] if lead else 1
+    dev = aq.device
+    a3, b3 = aq.reshape(G, M, K), bq.reshape(G, K, N)
+
+    def per_sample(v, dtype):
+        return _vec(v, dtype, dev).expand(B).contiguous() if v.dim() == 0 else _vec(v, dtype, dev)
+
+    out = torch.empty((G, M, N), dtype=torch.float32, device=dev)
+    acc = torch.empty((G, M, N), dtype=torch.int32, device=dev) if return_acc else out
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)
+    int8_bmm_kernel[grid](a3, b3, out, acc, M, N, K, max(1, G // B),
+                          per_sample(a_zp, torch.int32), per_sample(a_scale, torch.float32),
+                          per_sample(b_zp, torch.int32), per_sample(b_scale, torch.float32),
+                          a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1), b3.stride(2),
+                          WRITE_ACC=return_acc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    out = out.reshape(*lead, M, N)
+    return (out, acc.reshape(*lead, M, N)) if return_acc else out

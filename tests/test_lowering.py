@@ -68,6 +68,23 @@ def test_int8_conv_kernel_matches_reference(b, c, h, w, oc, ks, stride, pad, per
     assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
+@needs_interpreter
+@given(b=st.integers(1, 3), heads=st.integers(1, 2), m=st.integers(1, 20), k=st.integers(1, 40), n=st.integers(1, 20),
+       per_sample=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_int8_bmm_kernel_matches_reference(b, heads, m, k, n, per_sample, seed):
+    """Attention matmuls: both operands int8 activations with their own zero points."""
+    g = torch.Generator().manual_seed(seed)
+    aq, bq = _codes((b, heads, m, k), g), _codes((b, heads, k, n), g)
+    shape = (b,) if per_sample else ()
+    za, zb = (torch.randint(-128, 128, shape, generator=g).int() for _ in range(2))
+    sa, sb = (torch.rand(shape, generator=g) + 0.01 for _ in range(2))
+    out, acc = triton_kernels.int8_bmm(aq, za, sa, bq, zb, sb, return_acc=True)
+    want_acc = R.int8_matmul_acc(aq, za, bq, zb)
+    assert torch.equal(acc, want_acc)
+    scale = (sa * sb).reshape(-1, 1, 1, 1) if per_sample else sa * sb
+    assert torch.allclose(out, want_acc.float() * scale, rtol=1e-6, atol=1e-6)
+
+
 @given(seed=st.integers(0, 2**31 - 1), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]))
 def test_reference_conv_equals_float_conv_of_dequantized_values(seed, stride, pad):
     """The oracle itself: int8 conv + epilogue == float conv on the dequantized operands."""
