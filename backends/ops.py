@@ -1,20 +1,28 @@
 """The lowered graph's ops, registered with torch.library so torch.export / torch.compile see
 them with shapes (fake kernels) and dispatch by device:
 
-    ptq4dm::qlinear(x, x_scale, x_zp, wq, w_scale, bias, qmin, qmax)
-    ptq4dm::qconv2d(x, x_scale, x_zp, wq, w_scale, bias, stride, padding, qmin, qmax)
-    ptq4dm::qmatmul(a, a_scale, a_zp, b, b_scale, b_zp, qmin, qmax)
+    ptq4dm::quantize(x, scale, zp, qmin, qmax, axis)            float -> int8 codes (ir/quant.py)
+    ptq4dm::qlinear(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, out_dtype)
+    ptq4dm::qconv2d(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding, out_dtype)
+    ptq4dm::qmatmul(aq, a_scale, a_zp, bq, b_scale, b_zp, out_dtype)
 
-Each takes *float* activations with their solved range (x_scale / x_zp: () or per-sample (B,)),
-quantizes them, runs an int8 x int8 -> int32 product and dequantizes in the epilogue; weights
-are pre-packed int8 with per-output-channel scales. CPU: the integer-exact reference
-(backends/reference.py). CUDA: the Triton kernels (backends/triton_kernels.py); the conv goes
-through NHWC, the attention matmul through a batched int8 kernel.
+The int8 ops take int8 activation codes with their solved range (x_scale / x_zp: () or
+per-sample (B,)). The quantization itself is a separate, composite graph op, so Inductor fuses
+it into whatever produced the activation (GroupNorm + SiLU + quantize in one kernel) and the
+int8 op reads int8. Weights are packed once by the lower pass: ``wp`` (K, N) int8 with
+``w_sum`` (N,) int32 for the zero-point correction and per-output-channel ``w_scale``. A
+``residual`` is the graph's following add, fused into the epilogue. qconv2d returns its NHWC
+result as an NCHW tensor in channels-last memory (no transpose copy).
+
+CPU: the integer-exact reference (backends/reference.py). CUDA: the Triton kernels
+(backends/triton_kernels.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ptq4dm.ir import quant as _quant  # noqa: F401  (defines ptq4dm::quantize and ptq4dm::fake_quant)
 
 from . import reference as ref
 
@@ -26,57 +34,57 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("ptq4dm::qlinear", mutates_args=())
-def qlinear(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-            bias: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
-    if _use_triton(x):
+def qlinear(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: torch.Tensor, w_sum: torch.Tensor,
+            w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    lead, K, N = xq.shape[:-1], xq.shape[-1], wp.shape[1]
+    if _use_triton(xq):
         from .triton_kernels import int8_gemm
 
-        lead, K = x.shape[:-1], x.shape[-1]
-        xq = ref.quantize_act(x, x_scale, x_zp, qmin, qmax).reshape(-1, K)
-        rps = xq.shape[0] // x_scale.numel() if x_scale.dim() else xq.shape[0]
-        out = int8_gemm(xq, x_zp, x_scale, wq.T, wq.int().sum(1), w_scale, bias, rows_per_sample=rps)
-        return out.reshape(*lead, wq.shape[0]).to(x.dtype)
-    return ref.int8_linear(x, x_scale, x_zp, wq, w_scale, bias, qmin, qmax).to(x.dtype)
+        x2 = xq.reshape(-1, K)
+        rps = x2.shape[0] // x_scale.numel() if x_scale.dim() else x2.shape[0]
+        res = residual.reshape(-1, N) if residual is not None else None
+        return int8_gemm(x2, x_zp, x_scale, wp, w_sum, w_scale, bias, rows_per_sample=rps, residual=res,
+                         out_dtype=out_dtype).reshape(*lead, N)
+    return ref.linear_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual).to(out_dtype)
 
 
 @qlinear.register_fake
-def _(x, x_scale, x_zp, wq, w_scale, bias, qmin, qmax):
-    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+def _(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], wp.shape[1]), dtype=out_dtype)
 
 
 @torch.library.custom_op("ptq4dm::qconv2d", mutates_args=())
-def qconv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-            bias: torch.Tensor | None, stride: int, padding: int, qmin: int, qmax: int) -> torch.Tensor:
-    if _use_triton(x):
-        from .triton_kernels import int8_conv2d_nhwc
+def qconv2d(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: torch.Tensor, w_sum: torch.Tensor,
+            w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, kh: int, kw: int,
+            stride: int, padding: int, out_dtype: torch.dtype) -> torch.Tensor:
+    if _use_triton(xq):
+        from .triton_kernels import int8_conv2d
 
-        xq = ref.quantize_act(x, x_scale, x_zp, qmin, qmax).permute(0, 2, 3, 1).contiguous()
-        wp = ref.pack_conv_weight(wq)
-        out = int8_conv2d_nhwc(xq, x_zp, x_scale, wp.T.contiguous(), wp.int().sum(1), w_scale, bias,
-                               wq.shape[2], wq.shape[3], stride, padding)
-        return out.permute(0, 3, 1, 2).contiguous().to(x.dtype)
-    return ref.int8_conv2d(x, x_scale, x_zp, wq, w_scale, bias, stride, padding, qmin, qmax).contiguous().to(x.dtype)
+        return int8_conv2d(xq, x_zp, x_scale, wp, w_sum, w_scale, bias, kh, kw, stride, padding,
+                           residual=residual, out_dtype=out_dtype)
+    return ref.conv2d_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding).to(out_dtype)
 
 
 @qconv2d.register_fake
-def _(x, x_scale, x_zp, wq, w_scale, bias, stride, padding, qmin, qmax):
-    B, _, H, W = x.shape
-    OH = (H + 2 * padding - wq.shape[2]) // stride + 1
-    OW = (W + 2 * padding - wq.shape[3]) // stride + 1
-    return x.new_empty((B, wq.shape[0], OH, OW))
+def _(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding, out_dtype):
+    B, _, H, W = xq.shape
+    OH = (H + 2 * padding - kh) // stride + 1
+    OW = (W + 2 * padding - kw) // stride + 1
+    return torch.empty((B, wp.shape[1], OH, OW), dtype=out_dtype, device=xq.device,
+                       memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("ptq4dm::qmatmul", mutates_args=())
-def qmatmul(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-            b_zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    if _use_triton(a):
+def qmatmul(aq: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, bq: torch.Tensor, b_scale: torch.Tensor,
+            b_zp: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if _use_triton(aq):
         from .triton_kernels import int8_bmm
 
-        aq, bq = ref.quantize_act(a, a_scale, a_zp, qmin, qmax), ref.quantize_act(b, b_scale, b_zp, qmin, qmax)
-        return int8_bmm(aq, a_zp, a_scale, bq, b_zp, b_scale).to(a.dtype)
-    return ref.int8_matmul(a, a_scale, a_zp, b, b_scale, b_zp, qmin, qmax).to(a.dtype)
+        return int8_bmm(aq, a_zp, a_scale, bq, b_zp, b_scale, out_dtype=out_dtype)
+    return ref.matmul_q(aq, a_scale, a_zp, bq, b_scale, b_zp).to(out_dtype)
 
 
 @qmatmul.register_fake
-def _(a, a_scale, a_zp, b, b_scale, b_zp, qmin, qmax):
-    return a.new_empty((*a.shape[:-1], b.shape[-1]))
+def _(aq, a_scale, a_zp, bq, b_scale, b_zp, out_dtype):
+    return aq.new_empty((*aq.shape[:-1], bq.shape[-1]), dtype=out_dtype)

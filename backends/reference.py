@@ -9,7 +9,12 @@ Conventions (shared with backends/triton_kernels.py):
   channel (zero point 0), scales ``w_scale`` (N,)
 * accumulation in int32 (done here in int64, then checked to fit):
       acc[m, n] = sum_k xq[m, k] * wq[n, k] - x_zp[m] * sum_k wq[n, k]
-* epilogue: ``out = acc * (x_scale[m] * w_scale[n]) + bias[n]`` in float32
+* epilogue: ``out = acc * (x_scale[m] * w_scale[n]) + bias[n] (+ residual[m, n])`` in float32
+* packed weights (what the lower pass stores once): ``wp`` (K, N) int8 with
+  ``w_sum[n] = sum_k wp[k, n]`` (int32); for a conv k = (i*KW + j)*C + c (``pack_conv_weight``)
+
+The ``*_q`` functions are the lowered ops' CPU kernels: int8 activation codes in (the graph
+quantizes them with ``ptq4dm.quantize``), packed weights, optional fused residual add.
 """
 
 from __future__ import annotations
@@ -57,12 +62,32 @@ def epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 def int8_linear(x: torch.Tensor, x_scale, x_zp, wq, w_scale, bias=None, qmin: int = -128, qmax: int = 127) -> torch.Tensor:
-    """Quantize x (.., K), int8 GEMM with int32 accumulation, dequant + bias epilogue. float32 out."""
-    lead = x.shape[:-1]
-    xq = quantize_act(x, x_scale, x_zp, qmin, qmax).reshape(-1, x.shape[-1])
-    rps = xq.shape[0] // x_scale.numel() if x_scale.dim() else xq.shape[0]  # rows per sample
-    acc = int8_linear_acc(xq, x_zp, wq, rps)
-    return epilogue(acc, x_scale, w_scale, bias, rps).reshape(*lead, wq.shape[0])
+    """Float in: quantize x (.., K), int8 GEMM with int32 accumulation, dequant + bias. float32 out."""
+    return linear_q(quantize_act(x, x_scale, x_zp, qmin, qmax), x_scale, x_zp, wq.T, wq.int().sum(1), w_scale, bias)
+
+
+def linear_q(xq: torch.Tensor, x_scale, x_zp, wp: torch.Tensor, w_sum: torch.Tensor, w_scale, bias=None,
+             residual=None) -> torch.Tensor:
+    """The lowered linear: xq (.., K) int8 codes, packed wp (K, N) -> float32 (.., N)."""
+    lead, K = xq.shape[:-1], xq.shape[-1]
+    x2 = xq.reshape(-1, K)
+    rps = x2.shape[0] // x_scale.numel() if x_scale.dim() else x2.shape[0]
+    acc = x2.long() @ wp.long() - _rows(x_zp.long(), x2.shape[0] // rps if rps else 0, rps) * w_sum.long()[None]
+    out = epilogue(_check_int32(acc), x_scale, w_scale, bias, rps).reshape(*lead, wp.shape[1])
+    return out + residual.float() if residual is not None else out
+
+
+def conv2d_q(xq: torch.Tensor, x_scale, x_zp, wp: torch.Tensor, w_sum: torch.Tensor, w_scale, bias, residual,
+             kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
+    """The lowered conv: xq (B, C, H, W) int8 codes (any strides), packed wp (KH*KW*C, N) ->
+    float32 (B, N, OH, OW) in channels-last memory (the Triton kernel's NHWC output, viewed NCHW)."""
+    B = xq.shape[0]
+    cols, OH, OW = im2col_nhwc(xq.permute(0, 2, 3, 1), kh, kw, stride, padding, x_zp)
+    acc = cols @ wp.long() - _rows(x_zp.long(), B, OH * OW) * w_sum.long()[None]
+    out = epilogue(_check_int32(acc), x_scale, w_scale, bias, OH * OW).reshape(B, OH, OW, -1).permute(0, 3, 1, 2)
+    if residual is not None:
+        out = out + residual.float()
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def im2col_nhwc(xq: torch.Tensor, kh: int, kw: int, stride: int, padding: int, pad_value: torch.Tensor) -> torch.Tensor:
@@ -93,12 +118,10 @@ def int8_conv2d_acc(xq_nhwc: torch.Tensor, x_zp: torch.Tensor, wq: torch.Tensor,
 
 def int8_conv2d(x: torch.Tensor, x_scale, x_zp, wq, w_scale, bias=None, stride: int = 1, padding: int = 0,
                 qmin: int = -128, qmax: int = 127) -> torch.Tensor:
-    """NCHW float in -> quantize -> int8 implicit-GEMM conv (NHWC) -> dequant + bias -> NCHW float32 out."""
-    B = x.shape[0]
-    xq = quantize_act(x, x_scale, x_zp, qmin, qmax).permute(0, 2, 3, 1).contiguous()
-    acc, OH, OW = int8_conv2d_acc(xq, x_zp, wq, stride, padding)
-    out = epilogue(acc, x_scale, w_scale, bias, OH * OW)
-    return out.reshape(B, OH, OW, -1).permute(0, 3, 1, 2)
+    """Float NCHW in: quantize -> int8 implicit-GEMM conv -> dequant + bias -> float32 (channels-last memory)."""
+    wp = pack_conv_weight(wq)
+    return conv2d_q(quantize_act(x, x_scale, x_zp, qmin, qmax), x_scale, x_zp, wp.T, wp.int().sum(1), w_scale, bias,
+                    None, wq.shape[2], wq.shape[3], stride, padding)
 
 
 def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -112,7 +135,13 @@ def int8_matmul_acc(aq: torch.Tensor, a_zp: torch.Tensor, bq: torch.Tensor, b_zp
     return _check_int32((aq.long() - za) @ (bq.long() - zb))
 
 
+def matmul_q(aq: torch.Tensor, a_scale, a_zp, bq: torch.Tensor, b_scale, b_zp) -> torch.Tensor:
+    """The lowered attention matmul: int8 codes of both operands -> float32."""
+    acc = int8_matmul_acc(aq, a_zp, bq, b_zp)
+    return acc.float() * (_per_sample(a_scale.float(), aq.dim()) * _per_sample(b_scale.float(), bq.dim()))
+
+
 def int8_matmul(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, qmin: int = -128, qmax: int = 127) -> torch.Tensor:
     """Both operands activations (attention): (.., M, K) @ (.., K, N), per-tensor or per-sample ranges."""
-    acc = int8_matmul_acc(quantize_act(a, a_scale, a_zp, qmin, qmax), a_zp, quantize_act(b, b_scale, b_zp, qmin, qmax), b_zp)
-    return acc.float() * (_per_sample(a_scale.float(), a.dim()) * _per_sample(b_scale.float(), b.dim()))
+    return matmul_q(quantize_act(a, a_scale, a_zp, qmin, qmax), a_scale, a_zp, quantize_act(b, b_scale, b_zp, qmin, qmax),
+                    b_scale, b_zp)

@@ -1,6 +1,7 @@
-"""Triton int8 kernels: an int8 GEMM and an NHWC implicit-GEMM convolution, both accumulating
-in int32 with a fused epilogue (zero-point correction, per-channel weight scale x per-row
-activation scale, bias). Tested on the CPU under ``TRITON_INTERPRET=1`` against
+"""Triton int8 kernels: an int8 GEMM, an implicit-GEMM convolution (channels-last) and a batched
+activation x activation matmul (attention), all accumulating in int32 with a fused epilogue
+(zero-point correction, per-channel weight scale x per-row activation scale, bias, and the
+graph's residual add when the lower pass fused one). Tested on the CPU under ``TRITON_INTERPRET=1`` against
 backends/reference.py (same conventions, documented there).
 
 Kernel, launcher and reference side by side, as in Triton's tutorials. No autotuning here:
@@ -24,7 +25,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _epilogue(acc, offs_m, offs_n, M, N, rows_per_sample, x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr,
-                  bias_ptr, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  bias_ptr, res_ptrs, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
         mask_m, mask_n = offs_m < M, offs_n < N
         if PER_SAMPLE:
             sample = offs_m // rows_per_sample
@@ -39,13 +40,15 @@ if HAVE_TRITON:
         out = acc.to(tl.float32) * (sx[:, None] * sw[None, :])
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_RES:  # the graph's residual add, fused: one read instead of a write + read + write
+            out += tl.load(res_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         return acc, out
 
     @triton.jit
     def int8_gemm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, M, N, K, rows_per_sample,
-                         x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr,
-                         stride_am, stride_ak, stride_bk, stride_bn,
-                         PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+                         x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                         stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn,
+                         PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, WRITE_ACC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[M, N] = dequant(A[M, K] int8 @ B[K, N] int8) with the epilogue above."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -60,8 +63,9 @@ if HAVE_TRITON:
             b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                         mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0)
             acc += tl.dot(a, b, out_dtype=tl.int32)
+        res_ptrs = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc, out = _epilogue(acc, offs_m, offs_n, M, N, rows_per_sample, x_zp_ptr, x_scale_ptr, w_sum_ptr,
-                             w_scale_ptr, bias_ptr, PER_SAMPLE, HAS_BIAS)
+                             w_scale_ptr, bias_ptr, res_ptrs, PER_SAMPLE, HAS_BIAS, HAS_RES)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
         if WRITE_ACC:
@@ -69,13 +73,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def int8_conv_kernel(x_ptr, w_ptr, out_ptr, acc_ptr, B, H, W, C, OH, OW, N, K,
-                         x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr,
+                         x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                         sxb, sxc, sxh, sxw, srb, src, srh, srw,
                          STRIDE: tl.constexpr, PAD: tl.constexpr, KW: tl.constexpr,
-                         PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_ACC: tl.constexpr,
+                         PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, WRITE_ACC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Implicit-GEMM conv: rows m = (b, oh, ow), columns n = output channel, reduction
-        k = (i*KW + j)*C + c over the packed weight (K, N). Input NHWC int8; padded taps load the
-        sample's zero point, so they contribute exactly 0 after the correction."""
+        k = (i*KW + j)*C + c over the packed weight (K, N). Input int8 (B, C, H, W) addressed by
+        its strides (channels-last memory makes the k loads contiguous); padded taps load the
+        sample's zero point, so they contribute exactly 0 after the correction. Output (M, N),
+        i.e. NHWC = channels-last NCHW; the optional residual is read by its own strides."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         M = B * OH * OW
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,13 +105,14 @@ if HAVE_TRITON:
             iw = ow[:, None] * STRIDE - PAD + j[None, :]
             inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             valid = (offs_m[:, None] < M) & (kk[None, :] < K)
-            ptrs = x_ptr + ((b_idx[:, None] * H + ih) * W + iw) * C + c[None, :]
+            ptrs = x_ptr + b_idx[:, None] * sxb + ih * sxh + iw * sxw + c[None, :] * sxc
             a = tl.load(ptrs, mask=valid & inside, other=0)
             a = tl.where(valid & ~inside, zp_row[:, None].to(tl.int8), a)
             w = tl.load(w_ptr + kk[:, None] * N + offs_n[None, :], mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0)
             acc += tl.dot(a, w, out_dtype=tl.int32)
+        res_ptrs = res_ptr + (b_idx * srb + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src
         acc, out = _epilogue(acc, offs_m, offs_n, M, N, OH * OW, x_zp_ptr, x_scale_ptr, w_sum_ptr,
-                             w_scale_ptr, bias_ptr, PER_SAMPLE, HAS_BIAS)
+                             w_scale_ptr, bias_ptr, res_ptrs, PER_SAMPLE, HAS_BIAS, HAS_RES)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
         if WRITE_ACC:
@@ -160,51 +168,59 @@ def _vec(v: torch.Tensor, dtype, device) -> torch.Tensor:
 
 def int8_gemm(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
               w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-              rows_per_sample: int | None = None, return_acc: bool = False,
+              rows_per_sample: int | None = None, residual: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
               block_m: int = 16, block_n: int = 16, block_k: int = 16):
-    """xq (M, K) int8, w_packed (K, N) int8 -> float32 (M, N) [, int32 acc]."""
+    """xq (M, K) int8, w_packed (K, N) int8 -> (M, N) in out_dtype [, int32 acc]; residual (M, N)."""
     _need_triton()
     M, K = xq.shape
     N = w_packed.shape[1]
     dev = xq.device
     per_sample = x_zp.dim() > 0
-    out = torch.empty((M, N), dtype=torch.float32, device=dev)
+    out = torch.empty((M, N), dtype=out_dtype, device=dev)
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
+    res = residual if residual is not None else out
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     int8_gemm_kernel[grid](xq, w_packed, out, acc, M, N, K, rows_per_sample or M,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
-                           _vec(w_scale, torch.float32, dev), bias if bias is not None else out,
-                           xq.stride(0), xq.stride(1), w_packed.stride(0), w_packed.stride(1),
-                           PER_SAMPLE=per_sample, HAS_BIAS=bias is not None, WRITE_ACC=return_acc,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
+                           xq.stride(0), xq.stride(1), w_packed.stride(0), w_packed.stride(1), res.stride(0), res.stride(1),
+                           PER_SAMPLE=per_sample, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                           WRITE_ACC=return_acc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return (out, acc) if return_acc else out
 
 
-def int8_conv2d_nhwc(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
-                     w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, kh: int, kw: int,
-                     stride: int = 1, padding: int = 0, return_acc: bool = False,
-                     block_m: int = 16, block_n: int = 16, block_k: int = 16):
-    """xq (B, H, W, C) int8 NHWC, w_packed (KH*KW*C, N) -> float32 (B, OH, OW, N) [, int32 acc (M, N)]."""
+def int8_conv2d(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
+                w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, kh: int, kw: int,
+                stride: int = 1, padding: int = 0, residual: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
+                block_m: int = 16, block_n: int = 16, block_k: int = 16):
+    """xq (B, C, H, W) int8 (any strides; channels-last is the fast layout), w_packed (KH*KW*C, N)
+    -> (B, N, OH, OW) in channels-last memory [, int32 acc (M, N)]; residual (B, N, OH, OW)."""
     _need_triton()
-    B, H, W, C = xq.shape
+    B, C, H, W = xq.shape
     N, K = w_packed.shape[1], w_packed.shape[0]
     OH, OW = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     M = B * OH * OW
     dev = xq.device
-    out = torch.empty((M, N), dtype=torch.float32, device=dev)
+    out = torch.empty((M, N), dtype=out_dtype, device=dev)
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
+    res = residual if residual is not None else out.view(B, OH, OW, N).permute(0, 3, 1, 2)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    int8_conv_kernel[grid](xq.contiguous(), w_packed, out, acc, B, H, W, C, OH, OW, N, K,
+    int8_conv_kernel[grid](xq, w_packed, out, acc, B, H, W, C, OH, OW, N, K,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
-                           _vec(w_scale, torch.float32, dev), bias if bias is not None else out,
+                           _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
+                           *xq.stride(), *res.stride(),
                            STRIDE=stride, PAD=padding, KW=kw, PER_SAMPLE=x_zp.dim() > 0, HAS_BIAS=bias is not None,
-                           WRITE_ACC=return_acc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    out = out.reshape(B, OH, OW, N)
+                           HAS_RES=residual is not None, WRITE_ACC=return_acc,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    out = out.view(B, OH, OW, N).permute(0, 3, 1, 2)
     return (out, acc) if return_acc else out
 
 
 def int8_bmm(aq: torch.Tensor, a_zp: torch.Tensor, a_scale: torch.Tensor, bq: torch.Tensor, b_zp: torch.Tensor,
-             b_scale: torch.Tensor, return_acc: bool = False, block_m: int = 16, block_n: int = 16, block_k: int = 16):
+             b_scale: torch.Tensor, out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
+             block_m: int = 16, block_n: int = 16, block_k: int = 16):
     """aq (.., M, K) int8 @ bq (.., K, N) int8 -> float32 (.., M, N) [, int32 acc]; the leading dims
     start with the batch; a_zp / a_scale / b_zp / b_scale are () or (B,) (one per sample)."""
     _need_triton()
@@ -221,7 +237,7 @@ def int8_bmm(aq: torch.Tensor, a_zp: torch.Tensor, a_scale: torch.Tensor, bq: to
     def per_sample(v, dtype):
         return _vec(v, dtype, dev).expand(B).contiguous() if v.dim() == 0 else _vec(v, dtype, dev)
 
-    out = torch.empty((G, M, N), dtype=torch.float32, device=dev)
+    out = torch.empty((G, M, N), dtype=out_dtype, device=dev)
     acc = torch.empty((G, M, N), dtype=torch.int32, device=dev) if return_acc else out
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)
     int8_bmm_kernel[grid](a3, b3, out, acc, M, N, K, max(1, G // B),

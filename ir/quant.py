@@ -86,6 +86,21 @@ _LIB.define("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int qmin, int
 _LIB.impl("fake_quant", _fake_quant_impl, "CompositeImplicitAutograd")
 
 
+def _quantize_codes_impl(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                         axis: int | None = None) -> torch.Tensor:
+    s = _expand(scale, x, axis).to(x.dtype)
+    z = _expand(zero_point, x, axis).to(x.dtype)
+    return torch.clamp(torch.round(x * (1.0 / s)) + z, qmin, qmax).to(torch.int8)
+
+
+# ``torch.ops.ptq4dm.quantize``: float -> int8 codes, the first half of ``fake_quant`` (same
+# arithmetic, so the lowered graph sees the very codes the simulated one rounds to). Composite
+# too: under torch.compile it decomposes into pointwise ATen ops that Inductor fuses into the
+# producer (GroupNorm + SiLU + quantize in one kernel), writing int8 instead of float.
+_LIB.define("quantize(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int? axis=None) -> Tensor")
+_LIB.impl("quantize", _quantize_codes_impl, "CompositeImplicitAutograd")
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                axis: int | None = None) -> torch.Tensor:
     """Quantize-dequantize in float arithmetic (the simulated W8A8 graph's op).

@@ -1,15 +1,19 @@
 """lower: the fake-quant graph -> int8 ops (backends/ops.py).
 
 reads:  ``ptq4dm.fake_quant`` nodes feeding conv2d / linear / attention matmuls; fake-quantized
-        weight buffers and their qparams (graph.meta['qparams'])
-writes: ``ptq4dm.qconv2d`` / ``ptq4dm.qlinear`` (int8 weights packed once, as buffers
-        ``ptq4dm_w8_<i>``) and ``ptq4dm.qmatmul``; activation fake-quant nodes that feed them are
-        folded into the op (it quantizes its own input with the same range). Ops it cannot lower
+        weight buffers and their qparams (graph.meta['qparams']); a residual ``add`` right after
+        a conv / linear
+writes: ``ptq4dm.quantize`` (float -> int8 codes, composite, so Inductor fuses it into the
+        producer; conv inputs then go channels-last) feeding ``ptq4dm.qconv2d`` /
+        ``ptq4dm.qlinear`` (int8 weights packed once as buffers ``ptq4dm_w8_<i>`` (K, N) with
+        ``_sum`` and ``_scale``) and ``ptq4dm.qmatmul``; an ``add(op, r)`` whose only input from
+        the op is that op is folded into its epilogue (``residual=r``). Ops it cannot lower
         (dilation, groups, uneven stride / padding) stay fake-quant and are listed in
         ``ctx.results['lower']['kept']``.
 
-The lowered graph equals the fake-quant graph up to float rounding: the integer products are
-exact (int32 accumulation) where the float graph rounds.
+The lowered graph equals the fake-quant graph up to float rounding: the integer codes are the
+ones fake_quant rounds to (same formula), the products are exact (int32 accumulation) where the
+float graph rounds.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import fx
 
 from ptq4dm.backends import ops  # noqa: F401  (registers torch.ops.ptq4dm.q*)
+from ptq4dm.backends.reference import pack_conv_weight
 from ptq4dm.ir.graph import ROLE, StepGraph
 from ptq4dm.ir.quant import quantize
 
@@ -28,10 +33,12 @@ from .observe import QTENSOR
 
 aten = torch.ops.aten
 FQ = torch.ops.ptq4dm.fake_quant.default
+QUANT = torch.ops.ptq4dm.quantize.default
+QCONV, QLINEAR, QMATMUL = torch.ops.ptq4dm.qconv2d.default, torch.ops.ptq4dm.qlinear.default, torch.ops.ptq4dm.qmatmul.default
 
 
 def _fq_parts(node):
-    """(source, scale, zp, qmin, qmax) of a per-tensor / per-sample fake_quant node, else None."""
+    """(source, scale, zp, qmin, qmax, axis) of a per-tensor / per-sample fake_quant node, else None."""
     if not isinstance(node, fx.Node) or node.target is not FQ:
         return None
     src, s, z, qmin, qmax = node.args[:5]
@@ -40,7 +47,31 @@ def _fq_parts(node):
         return None
     if axis == 0 and not (isinstance(s, fx.Node) and s.target is aten.index.Tensor):
         return None  # axis 0 is only the per-sample (per-timestep) form here
-    return src, s, z, qmin, qmax
+    if qmin < -128 or qmax > 127:
+        return None  # wider than int8: stays fake-quant
+    return src, s, z, qmin, qmax, axis
+
+
+def _same_shape(a: fx.Node, b) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val") if isinstance(b, fx.Node) else None
+    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
+        return False
+    return va.dim() == vb.dim() and [str(d) for d in va.shape] == [str(d) for d in vb.shape]
+
+
+def _residual(n: fx.Node):
+    """(add node, the other operand) when n's only use is ``add(n, r)`` / ``add(r, n)`` with r of
+    n's shape (no broadcasting, no alpha), else None."""
+    users = list(n.users)
+    if len(users) != 1:
+        return None
+    u = users[0]
+    if u.op != "call_function" or u.target is not aten.add.Tensor or u.kwargs or len(u.args) != 2:
+        return None
+    other = u.args[1] if u.args[0] is n else u.args[0]
+    if other is n or not _same_shape(n, other) or not _same_shape(n, u):
+        return None
+    return u, other
 
 
 def _uniform(v, n=2):
@@ -53,15 +84,30 @@ def _uniform(v, n=2):
 class Lower:
     name = "lower"
     reads = "fake_quant nodes feeding conv2d / linear / attention matmuls; fake-quantized weights; qparams"
-    writes = "ptq4dm.qconv2d / qlinear / qmatmul nodes with packed int8 weights; ctx.results['lower']"
+    writes = ("ptq4dm.quantize + ptq4dm.qconv2d / qlinear / qmatmul nodes with packed int8 weights, residual adds "
+              "fused; ctx.results['lower']")
     preserves_semantics = False
+
+    fuse_residual: bool = True
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
         qparams = graph.meta.get("qparams") or {}
-        counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0}
+        counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0}
         kept = []
         i = 0
+
+        def quantize_node(parts, channels_last=False):
+            src, s, z, qmin, qmax, axis = parts
+            q = g.call_function(QUANT, (src, s, z, qmin, qmax, axis))
+            if channels_last:
+                q = g.call_function(aten.clone.default, (q,), {"memory_format": torch.channels_last})
+            return q
+
+        def out_dtype(n):
+            v = n.meta.get("val")
+            return v.dtype if isinstance(v, torch.Tensor) else torch.float32
+
         for n in list(g.nodes):
             if n.op != "call_function":
                 continue
@@ -76,7 +122,8 @@ class Lower:
                     kept.append((n.name, "weights wider than 8 bits"))
                     continue
                 bias = n.args[2] if len(n.args) > 2 else None
-                if n.target is aten.conv2d.default:
+                is_conv = n.target is aten.conv2d.default
+                if is_conv:
                     stride = _uniform(n.args[3] if len(n.args) > 3 else 1)
                     padding = _uniform(n.args[4] if len(n.args) > 4 else 0)
                     dilation = _uniform(n.args[5] if len(n.args) > 5 else 1)
@@ -84,34 +131,46 @@ class Lower:
                     if stride is None or padding is None or dilation != 1 or groups != 1 or not isinstance(padding, int):
                         kept.append((n.name, "conv with dilation / groups / uneven stride or padding"))
                         continue
-                w_float = getattr(gm, str(w.target))
-                w8 = quantize(w_float.float(), wqp, torch.int8)
-                w8_name, ws_name = f"ptq4dm_w8_{i}", f"ptq4dm_w8_{i}_scale"
-                gm.register_buffer(w8_name, w8)
-                gm.register_buffer(ws_name, wqp.scale.float().clone())
-                src, s, z, qmin, qmax = x_parts
-                with g.inserting_before(n):
-                    w8_node, ws_node = g.get_attr(w8_name), g.get_attr(ws_name)
-                    if n.target is aten.conv2d.default:
-                        new = g.call_function(torch.ops.ptq4dm.qconv2d.default,
-                                              (src, s, z, w8_node, ws_node, bias, stride, padding, qmin, qmax))
+                wq = quantize(getattr(gm, str(w.target)).float(), wqp, torch.int8)
+                wp = (pack_conv_weight(wq) if is_conv else wq).T.contiguous()           # (K, N)
+                names = {"wp": f"ptq4dm_w8_{i}", "sum": f"ptq4dm_w8_{i}_sum", "scale": f"ptq4dm_w8_{i}_scale"}
+                gm.register_buffer(names["wp"], wp)
+                gm.register_buffer(names["sum"], wp.int().sum(0))
+                gm.register_buffer(names["scale"], wqp.scale.float().clone())
+                fused = _residual(n) if self.fuse_residual else None
+                anchor = fused[0] if fused else n   # the add's operands all exist before the add
+                residual = fused[1] if fused else None
+                with g.inserting_before(anchor):
+                    wn = {k: g.get_attr(v) for k, v in names.items()}
+                    xq = quantize_node(x_parts, channels_last=is_conv)
+                    s, z = x_parts[1], x_parts[2]
+                    if is_conv:
+                        kh, kw = wq.shape[2], wq.shape[3]
+                        new = g.call_function(QCONV, (xq, s, z, wn["wp"], wn["sum"], wn["scale"], bias, residual,
+                                                      kh, kw, stride, padding, out_dtype(n)))
                         counts["qconv2d"] += 1
                     else:
-                        new = g.call_function(torch.ops.ptq4dm.qlinear.default, (src, s, z, w8_node, ws_node, bias, qmin, qmax))
+                        new = g.call_function(QLINEAR, (xq, s, z, wn["wp"], wn["sum"], wn["scale"], bias, residual,
+                                                        out_dtype(n)))
                         counts["qlinear"] += 1
-                for m in (w8_node, ws_node, new):
+                for m in list(wn.values()) + [new]:
                     m.meta[ROLE] = "quant"
-                new.meta.update({k: v for k, v in n.meta.items() if k != ROLE})
+                new.meta.update({k: v for k, v in (fused[0] if fused else n).meta.items() if k != ROLE})
                 new.meta[ROLE] = n.meta.get(ROLE, "unet")
-                n.replace_all_uses_with(new)
+                if fused:
+                    fused[0].replace_all_uses_with(new)
+                    g.erase_node(fused[0])
+                    counts["residual_fused"] += 1
+                else:
+                    n.replace_all_uses_with(new)
                 g.erase_node(n)
                 i += 1
             elif n.target is aten.matmul.default:
                 a, b = _fq_parts(n.args[0]), _fq_parts(n.args[1])
-                if a is None or b is None or a[3] != b[3] or a[4] != b[4]:
+                if a is None or b is None:
                     continue
                 with g.inserting_before(n):
-                    new = g.call_function(torch.ops.ptq4dm.qmatmul.default, (a[0], a[1], a[2], b[0], b[1], b[2], a[3], a[4]))
+                    new = g.call_function(QMATMUL, (quantize_node(a), a[1], a[2], quantize_node(b), b[1], b[2], out_dtype(n)))
                 new.meta.update(n.meta)
                 n.replace_all_uses_with(new)
                 g.erase_node(n)
@@ -120,4 +179,5 @@ class Lower:
         for name in [b for b, _ in gm.named_buffers() if b.startswith("ptq4dm_wq_")]:
             if not any(nd.op == "get_attr" and nd.target == name for nd in g.nodes):
                 delattr(gm, name)
+        gm.recompile()
         ctx.results["lower"] = {"counts": counts, "kept": kept}

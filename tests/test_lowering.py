@@ -28,8 +28,8 @@ def _codes(shape, g, lo=-128):
 
 @needs_interpreter
 @given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 24), per_sample=st.booleans(),
-       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_int8_gemm_kernel_matches_reference(m, k, n, per_sample, bias, seed):
+       bias=st.booleans(), residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_int8_gemm_kernel_matches_reference(m, k, n, per_sample, bias, residual, seed):
     g = torch.Generator().manual_seed(seed)
     xq, wq = _codes((m, k), g), _codes((n, k), g, -127)
     if per_sample and m % 2 == 0:
@@ -37,34 +37,42 @@ def test_int8_gemm_kernel_matches_reference(m, k, n, per_sample, bias, seed):
     else:
         zp, sx, rps = torch.randint(-128, 128, (), generator=g).int(), torch.rand((), generator=g) + 0.01, m
     sw, b = torch.rand(n, generator=g) * 0.01, (torch.randn(n, generator=g) if bias else None)
+    r = torch.randn(n, m, generator=g).T if residual else None   # a strided (non-contiguous) residual
     out, acc = triton_kernels.int8_gemm(xq, zp, sx, wq.T.contiguous(), wq.int().sum(1), sw, b,
-                                        rows_per_sample=rps, return_acc=True)
+                                        rows_per_sample=rps, residual=r, return_acc=True)
     want_acc = R.int8_linear_acc(xq, zp, wq, rps)
     assert torch.equal(acc, want_acc)                      # exact int32 accumulation
-    want = R.epilogue(want_acc, sx, sw, b, rps)
+    want = R.epilogue(want_acc, sx, sw, b, rps) + (r if residual else 0)
     assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)  # epilogue within float rounding
+    assert torch.allclose(R.linear_q(xq, sx, zp, wq.T, wq.int().sum(1), sw, b, r), want, rtol=1e-6, atol=1e-6)
 
 
 @needs_interpreter
 @given(b=st.integers(1, 2), c=st.integers(1, 5), h=st.integers(1, 7), w=st.integers(1, 7), oc=st.integers(1, 6),
        ks=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]),
-       per_sample=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_int8_conv_kernel_matches_reference(b, c, h, w, oc, ks, stride, pad, per_sample, seed):
+       per_sample=st.booleans(), channels_last=st.booleans(), residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_int8_conv_kernel_matches_reference(b, c, h, w, oc, ks, stride, pad, per_sample, channels_last, residual, seed):
     if h + 2 * pad < ks or w + 2 * pad < ks:
         return
     g = torch.Generator().manual_seed(seed)
-    x, wq = _codes((b, h, w, c), g), _codes((oc, c, ks, ks), g, -127)
+    x, wq = _codes((b, c, h, w), g), _codes((oc, c, ks, ks), g, -127)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     if per_sample:
         zp, sx = torch.randint(-128, 128, (b,), generator=g).int(), torch.rand(b, generator=g) + 0.01
     else:
         zp, sx = torch.randint(-128, 128, (), generator=g).int(), torch.rand((), generator=g) + 0.01
     sw, bias = torch.rand(oc, generator=g) * 0.01, torch.randn(oc, generator=g)
-    wp = R.pack_conv_weight(wq)
-    out, acc = triton_kernels.int8_conv2d_nhwc(x, zp, sx, wp.T.contiguous(), wp.int().sum(1), sw, bias, ks, ks,
-                                               stride, pad, return_acc=True, block_k=8)
-    want_acc, oh, ow = R.int8_conv2d_acc(x, zp, wq, stride, pad)
+    wp = R.pack_conv_weight(wq).T.contiguous()
+    oh, ow = (h + 2 * pad - ks) // stride + 1, (w + 2 * pad - ks) // stride + 1
+    r = torch.randn(b, oc, oh, ow, generator=g) if residual else None   # NCHW residual, channels-last output
+    out, acc = triton_kernels.int8_conv2d(x, zp, sx, wp, wp.int().sum(0), sw, bias, ks, ks, stride, pad,
+                                          residual=r, return_acc=True, block_k=8)
+    want_acc, _, _ = R.int8_conv2d_acc(x.permute(0, 2, 3, 1), zp, wq, stride, pad)
     assert torch.equal(acc, want_acc)
-    want = R.epilogue(want_acc, sx, sw, bias, oh * ow).reshape(b, oh, ow, oc)
+    want = R.conv2d_q(x, sx, zp, wp, wp.int().sum(0), sw, bias, r, ks, ks, stride, pad)
+    assert out.shape == want.shape == (b, oc, oh, ow)
+    assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
@@ -106,8 +114,12 @@ def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
     ctx = PassContext(progress=False)
     PassManager.from_pipeline("lower").run(r.graph, ctx)
     counts = ctx.results["lower"]["counts"]
-    assert counts == {"qconv2d": r.report.counts["conv"], "qlinear": r.report.counts["linear"],
-                      "qmatmul": r.report.counts["attn_matmul"]}
+    assert {k: counts[k] for k in ("qconv2d", "qlinear", "qmatmul")} == {
+        "qconv2d": r.report.counts["conv"], "qlinear": r.report.counts["linear"], "qmatmul": r.report.counts["attn_matmul"]}
+    assert counts["residual_fused"] > 0   # the resnet blocks' skip adds went into the conv epilogue
+    assert not any(n.target is torch.ops.ptq4dm.fake_quant.default and any(
+        u.target in (torch.ops.ptq4dm.qconv2d.default, torch.ops.ptq4dm.qlinear.default) for u in n.users)
+        for n in r.graph.graph.nodes)   # the int8 ops read int8 codes, not fake-quantized floats
     assert not any(n.target is torch.ops.aten.conv2d.default for n in r.graph.graph.nodes)
     assert any(b.dtype == torch.int8 for b in r.graph.gm.buffers())
     cs = r.calibration_set
