@@ -1,5 +1,6 @@
-"""The lowered graph's ops, registered with torch.library so torch.export / torch.compile see
-them with shapes (fake kernels) and dispatch by device:
+"""The lowered graph's ops, registered with torch.library (``triton_op``: torch.compile traces
+into them and sees the Triton launches; torch.export keeps them as single ops) and dispatching
+by device:
 
     ptq4dm::quantize(x, scale, zp, qmin, qmax, axis)            float -> int8 codes (ir/quant.py)
     ptq4dm::qlinear(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, out_dtype)
@@ -20,20 +21,40 @@ CPU: the integer-exact reference (backends/reference.py). CUDA: the Triton kerne
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ptq4dm.ir import quant as _quant  # noqa: F401  (defines ptq4dm::quantize and ptq4dm::fake_quant)
 
 from . import reference as ref
+from .triton_kernels import HAVE_TRITON
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    from .triton_kernels import HAVE_TRITON
+    """CUDA tensors go to the Triton kernels. ``PTQ4DM_TRITON_ON_CPU=1`` (with
+    ``TRITON_INTERPRET=1``) sends CPU tensors there too: how the tests run the kernels through
+    the registered ops on a machine without a GPU."""
+    if not HAVE_TRITON:
+        return False
+    return x.is_cuda or (os.environ.get("PTQ4DM_TRITON_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1")
 
-    return x.is_cuda and HAVE_TRITON
+
+def _op(name: str):
+    """Register ``fn`` as ``ptq4dm::<name>``: a ``triton_op`` when triton is installed, so
+    torch.compile traces into the body and sees the Triton launches (and the reference's ATen ops
+    on the CPU); otherwise an opaque ``custom_op`` whose fake kernel is the body itself (both
+    branches are shape-traceable)."""
+    def register(fn):
+        if HAVE_TRITON:
+            return torch.library.triton_op(f"ptq4dm::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"ptq4dm::{name}", mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return register
 
 
-@torch.library.custom_op("ptq4dm::qlinear", mutates_args=())
+@_op("qlinear")
 def qlinear(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: torch.Tensor, w_sum: torch.Tensor,
             w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
             out_dtype: torch.dtype) -> torch.Tensor:
@@ -49,12 +70,7 @@ def qlinear(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: tor
     return ref.linear_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual).to(out_dtype)
 
 
-@qlinear.register_fake
-def _(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, out_dtype):
-    return xq.new_empty((*xq.shape[:-1], wp.shape[1]), dtype=out_dtype)
-
-
-@torch.library.custom_op("ptq4dm::qconv2d", mutates_args=())
+@_op("qconv2d")
 def qconv2d(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: torch.Tensor, w_sum: torch.Tensor,
             w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, kh: int, kw: int,
             stride: int, padding: int, out_dtype: torch.dtype) -> torch.Tensor:
@@ -66,16 +82,7 @@ def qconv2d(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: tor
     return ref.conv2d_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding).to(out_dtype)
 
 
-@qconv2d.register_fake
-def _(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding, out_dtype):
-    B, _, H, W = xq.shape
-    OH = (H + 2 * padding - kh) // stride + 1
-    OW = (W + 2 * padding - kw) // stride + 1
-    return torch.empty((B, wp.shape[1], OH, OW), dtype=out_dtype, device=xq.device,
-                       memory_format=torch.channels_last)
-
-
-@torch.library.custom_op("ptq4dm::qmatmul", mutates_args=())
+@_op("qmatmul")
 def qmatmul(aq: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, bq: torch.Tensor, b_scale: torch.Tensor,
             b_zp: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     if _use_triton(aq):
@@ -84,7 +91,3 @@ def qmatmul(aq: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, bq: tor
         return int8_bmm(aq, a_zp, a_scale, bq, b_zp, b_scale, out_dtype=out_dtype)
     return ref.matmul_q(aq, a_scale, a_zp, bq, b_scale, b_zp).to(out_dtype)
 
-
-@qmatmul.register_fake
-def _(aq, a_scale, a_zp, bq, b_scale, b_zp, out_dtype):
-    return aq.new_empty((*aq.shape[:-1], bq.shape[-1]), dtype=out_dtype)

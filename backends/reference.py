@@ -34,6 +34,10 @@ def quantize_act(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: i
 
 
 def _check_int32(acc: torch.Tensor) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(acc) or torch.compiler.is_compiling():
+        return acc.to(torch.int32)  # traced (shapes only): the overflow check is data-dependent
     if acc.numel() and acc.abs().max() > INT32_MAX:
         raise OverflowError("int8 accumulation overflows int32: K is too large for exact int32 accumulation")
     return acc.to(torch.int32)

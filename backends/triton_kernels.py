@@ -157,6 +157,13 @@ if HAVE_TRITON:
             tl.store(acc_ptr + g.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
+def _launch(kernel):
+    """``wrap_triton(kernel)``: a plain launch in eager mode; under torch.compile / make_fx (the
+    ops are ``torch.library.triton_op``s) the launch is traced as a functional kernel call that
+    Inductor schedules and fuses around."""
+    return torch.library.wrap_triton(kernel)
+
+
 def _need_triton():
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed: pip install triton (or ptq4dm[test])")
@@ -181,7 +188,7 @@ def int8_gemm(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_pac
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
     res = residual if residual is not None else out
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    int8_gemm_kernel[grid](xq, w_packed, out, acc, M, N, K, rows_per_sample or M,
+    _launch(int8_gemm_kernel)[grid](xq, w_packed, out, acc, M, N, K, rows_per_sample or M,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
                            _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
                            xq.stride(0), xq.stride(1), w_packed.stride(0), w_packed.stride(1), res.stride(0), res.stride(1),
@@ -207,7 +214,7 @@ def int8_conv2d(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_p
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
     res = residual if residual is not None else out.view(B, OH, OW, N).permute(0, 3, 1, 2)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    int8_conv_kernel[grid](xq, w_packed, out, acc, B, H, W, C, OH, OW, N, K,
+    _launch(int8_conv_kernel)[grid](xq, w_packed, out, acc, B, H, W, C, OH, OW, N, K,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
                            _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
                            *xq.stride(), *res.stride(),
@@ -240,7 +247,7 @@ def int8_bmm(aq: torch.Tensor, a_zp: torch.Tensor, a_scale: torch.Tensor, bq: to
     out = torch.empty((G, M, N), dtype=out_dtype, device=dev)
     acc = torch.empty((G, M, N), dtype=torch.int32, device=dev) if return_acc else out
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)
-    int8_bmm_kernel[grid](a3, b3, out, acc, M, N, K, max(1, G // B),
+    _launch(int8_bmm_kernel)[grid](a3, b3, out, acc, M, N, K, max(1, G // B),
                           per_sample(a_zp, torch.int32), per_sample(a_scale, torch.float32),
                           per_sample(b_zp, torch.int32), per_sample(b_scale, torch.float32),
                           a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1), b3.stride(2),

@@ -143,3 +143,32 @@ def test_batch1_static_graph_lowers_and_runs(tiny_unet):
     with torch.no_grad():
         out = r.graph(x, t, n)
     assert out.prev_sample.shape == (1, 1, 8, 8) and torch.isfinite(out.prev_sample).all()
+
+
+@needs_interpreter
+def test_registered_ops_launch_the_kernels_and_trace(monkeypatch):
+    """The ops are torch.library.triton_ops. Eager calls launch the Triton kernels (CPU tensors
+    reach them here through PTQ4DM_TRITON_ON_CPU + the interpreter); traced calls (torch.compile
+    with aot_eager, fullgraph) decompose the op into its body: on the CPU the reference's ATen ops.
+    Tracing the CUDA branch into Triton launches needs a GPU (the interpreter's kernels cannot be
+    wrapped), so it is not checked here."""
+    g = torch.Generator().manual_seed(0)
+    xq = _codes((2, 3, 5, 4), g).contiguous(memory_format=torch.channels_last)
+    wq = _codes((6, 3, 3, 3), g, -127)
+    wp = R.pack_conv_weight(wq).T.contiguous()
+    zp, sx = torch.tensor([3, -7], dtype=torch.int32), torch.tensor([0.02, 0.05])
+    sw, bias, res = torch.rand(6, generator=g) * 0.01, torch.randn(6, generator=g), torch.randn(2, 6, 5, 4, generator=g)
+    args = (xq, sx, zp, wp, wp.int().sum(0), sw, bias, res, 3, 3, 1, 1, torch.float32)
+    want = R.conv2d_q(*args[:-1])
+    conv = torch.ops.ptq4dm.qconv2d.default
+    traced = torch.compile(lambda *a: conv(*a) * 1.0, backend="aot_eager", fullgraph=True)(*args)
+    monkeypatch.setenv("PTQ4DM_TRITON_ON_CPU", "1")
+    eager = conv(*args)
+    for got in (eager, traced):
+        assert got.shape == (2, 6, 5, 4) and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    a, b = _codes((2, 2, 5, 16), g), _codes((2, 2, 16, 3), g)
+    za, zb = torch.tensor([1, -2], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    sa, sb = torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.01])
+    got = torch.ops.ptq4dm.qmatmul(a, sa, za, b, sb, zb, torch.float32)
+    assert torch.allclose(got, R.matmul_q(a, sa, za, b, sb, zb), rtol=1e-6, atol=1e-6)
