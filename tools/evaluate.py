@@ -6,7 +6,8 @@
 Every configuration samples from the same seeds (batch i uses seed ``--seed + i``), so
 fidelity to FP (PSNR of the final samples) is measured sample by sample. FID / IS / sFID are
 computed with the project's MNIST classifier (models/classifier.py): MNIST-classifier FID,
-not comparable with Inception FID. FID is against all 5,000 real digits.
+not comparable with Inception FID. FID is against all 5,000 real digits. With ``--inception
+PATH`` (a local TorchScript Inception, inception-2015-12-05.pt) the table adds standard FID / IS.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="a .safetensors UNet with a .json card (default: the shipped model)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="a local TorchScript Inception (inception-2015-12-05.pt, StyleGAN3 / clean-fid): adds standard "
+                        "FID / IS columns; nothing is downloaded")
     p.add_argument("--out-json", default=str(REPO / "docs" / "results" / "quality.json"))
     p.add_argument("--out-md", default=str(REPO / "docs" / "results.md"))
     p.add_argument("--grid", default=str(REPO / "docs" / "img" / "samples.png"))
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     import ptq4dm
     from ptq4dm.models.classifier import load_classifier
     from ptq4dm.models.loading import load_default_unet, load_unet
-    from ptq4dm.models.metrics import classifier_stats, frechet_distance, inception_score, psnr
+    from ptq4dm.models.metrics import (InceptionNet, classifier_stats, frechet_distance, inception_score,
+                                       inception_score_from_probs, psnr)
     from ptq4dm.passes import MSE, NDTC, MinMax, QuantPolicy, RandomNoise, Single, Uniform
 
     sys.path.insert(0, str(REPO / "tools"))
@@ -116,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     net = load_classifier()
     real, _, _ = load_digits()
     real_stats = classifier_stats(net, real)
+    inception = None
+    if args.inception:
+        try:
+            inception = InceptionNet(args.inception, dev)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        real_incep = inception.stats(real)
     shape = step.sample_shape(1)[1:]
 
     def draw(fn, label):
@@ -144,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"Command: `{command}`", "",
                  "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) |",
                  "|---|---|---|---|---|---|---|"]
+        if inception is not None:
+            lines[-2] += " Inception FID | Inception IS |"
+            lines[-1] += "---|---|"
         for r in rows:
             ps = "—" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
+            incep = f" {r['inception_fid']:.3f} | {r['inception_is']:.3f} |" if inception is not None else ""
             lines.append(f"| {r['label']} | {r['fid']:.3f} | {100 * (r['fid'] - fp_fid) / fp_fid:+.1f}% | {r['sfid']:.3f} | "
-                         f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} |")
+                         f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} |" + incep)
         if not final:
             lines.append(f"\n(partial: {len(rows)} of {len(configs)} configurations so far; the run was still going or was stopped)")
         table = "\n".join(lines)
@@ -160,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         post = rest.split(end, 1)[1]
         atomic_write_text(md, pre + begin + "\n" + table + "\n" + end + post)
         return table
+
+    def _inception_cols(inc, x, real_inc):
+        st = inc.stats(x)
+        return {"inception_fid": frechet_distance(st["feat"], real_inc["feat"]),
+                "inception_is": inception_score_from_probs(st["probs"])}
 
     rows, samples = [], {}
     for cfg in configs:
@@ -186,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                "confident_frac": float((conf >= 0.9).float().mean()),
                "classes": int(pred.unique().numel()),
                "psnr_vs_fp": psnr(x, samples["fp"]) if "fp" in samples else None,
+               **({} if inception is None else _inception_cols(inception, x, real_incep)),
                "seconds": time.perf_counter() - t0, **qinfo}
         samples[cfg.name] = x
         rows.append(row)
