@@ -50,7 +50,7 @@ def time_fn(fn, args, dev, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def build(config: str, step, batch: int, dev, calib_n: int):
+def build(config: str, step, batch: int, dev, calib_n: int, compile_mode: str | None = None):
     """A callable (x, t, noise) -> outputs for ``config``, and its input dtype / memory format."""
     import ptq4dm
     from ptq4dm.passes import NDTC, PassContext, PassManager
@@ -63,7 +63,7 @@ def build(config: str, step, batch: int, dev, calib_n: int):
         m.unet.to(torch.bfloat16)
         if config == "bf16-compile":
             m.unet.to(memory_format=torch.channels_last)
-            m = torch.compile(m)
+            m = torch.compile(m, mode=compile_mode)
             return m, torch.bfloat16, torch.channels_last
         return m, torch.bfloat16, torch.contiguous_format
     if config == "torchao-int8dyn-compile":
@@ -72,7 +72,7 @@ def build(config: str, step, batch: int, dev, calib_n: int):
         m = copy.deepcopy(step).to(dev)
         m.unet.to(torch.bfloat16)
         quantize_(m.unet, Int8DynamicActivationInt8WeightConfig())
-        return torch.compile(m), torch.bfloat16, torch.contiguous_format
+        return torch.compile(m, mode=compile_mode), torch.bfloat16, torch.contiguous_format
     if config == "ptq4dm-w8a8":
         m = copy.deepcopy(step).to(dev)
         graph = ptq4dm.capture_step(m, batch=max(batch, 2) if batch > 1 else 1, device=dev, dynamic_batch=batch > 1)
@@ -80,7 +80,7 @@ def build(config: str, step, batch: int, dev, calib_n: int):
         PassManager.from_pipeline("lower").run(res.graph, PassContext(progress=False))
         gm = res.graph.gm
         if dev.type == "cuda":
-            gm = torch.compile(gm)
+            gm = torch.compile(gm, mode=compile_mode)
         return gm, torch.float32, torch.contiguous_format
     raise ValueError(f"unknown config {config!r}; known: {CONFIGS}")
 
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-json", default=None)
     p.add_argument("--out-md", default=None)
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode for the compiled configs; reduce-overhead = CUDA graphs (launch-bound small batches)")
     p.add_argument("--profile", action="store_true", help="per-op profile of ours vs bf16 at the largest batch")
     args = p.parse_args(argv)
     configs = args.configs.split(",")
@@ -152,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             shape = step.sample_shape(batch)
             for config in configs:
                 rec = {"device": dev_name, "model": model, "batch": batch, "config": config,
-                       "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+                       "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                       "compile_mode": (args.compile_mode or "default") if "compile" in config or config == "ptq4dm-w8a8" else None}
                 try:
                     with torch.no_grad():
-                        fn, dtype, fmt = build(config, step, batch, dev, args.calib_n)
+                        fn, dtype, fmt = build(config, step, batch, dev, args.calib_n, args.compile_mode)
                         g = torch.Generator().manual_seed(batch)
                         x = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
                         noise = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)

@@ -37,12 +37,14 @@ class Config:
     act_bits: int = 8
     quantize_outputs: bool = True
     per_step: bool = False          # one activation / output range per sampler step (ours)
+    keep_first_last: bool = False   # conv_in / conv_out in float
 
 
 CONFIGS = [
     Config("fp", "FP32", calibration=""),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
+    Config("ptq4dm-w8a8-per-step-fl", "W8A8 PTQ4DM + per-step, conv_in/out FP", per_step=True, keep_first_last=True),
     Config("minmax-w8a8", "W8A8 NDTC + min-max ranges", solver="minmax"),
     Config("uniform-w8a8", "W8A8 uniform-t calibration + MSE", calibration="uniform"),
     Config("single-w8a8", "W8A8 single-t calibration + MSE", calibration="single"),
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             qinfo = {}
         else:
             pol = QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, quantize_outputs=cfg.quantize_outputs,
-                              timestep_groups=args.steps if cfg.per_step else 1)
+                              timestep_groups=args.steps if cfg.per_step else 1, keep_first_last_fp=cfg.keep_first_last)
             res = ptq4dm.quantize(step, calibration=calib_kinds[cfg.calibration],
                                   solver=MSE() if cfg.solver == "mse" else MinMax(), policy=pol, cache_dir=cache)
             with torch.no_grad():
