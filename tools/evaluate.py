@@ -50,6 +50,8 @@ CONFIGS = [
     Config("single-w8a8", "W8A8 single-t calibration + MSE", calibration="single"),
     Config("random-w8a8", "W8A8 random N(0,I) calibration + MSE", calibration="random"),
     Config("ptq4dm-w8a8-fp-outputs", "W8A8 PTQ4DM, mean/variance/x_{t-1} in FP", quantize_outputs=False),
+    Config("ptq4dm-w8a8-fp-outputs-fl", "W8A8 PTQ4DM, outputs + conv_in/out FP", quantize_outputs=False,
+           keep_first_last=True),
     Config("ptq4dm-w4a8", "W4A8 PTQ4DM", weight_bits=4),
     Config("ptq4dm-w4a8-per-step", "W4A8 PTQ4DM + per-step act. ranges", weight_bits=4, per_step=True),
 ]
