@@ -45,6 +45,7 @@ class QuantPolicy:
     split_cat: bool = False                  # one quantizer per part of a skip `cat` feeding a conv
     skip: tuple[str, ...] = ()               # node names or module-path prefixes kept in float
     timestep_groups: int = 1                 # >1: activation / output scales per group of sampler steps
+    share_xt_range: bool = False             # convs reading x_t take the range x_{t-1} was quantized to
 
     def __post_init__(self):
         for f in ("weight_bits", "act_bits", "attn_bits", "output_bits"):
@@ -73,6 +74,25 @@ class Mark:
     def _skipped(self, graph: StepGraph, n: fx.Node) -> bool:
         path = graph.module_path(n)
         return any(n.name == s or (path and (path == s or path.startswith(s + "."))) for s in self.policy.skip)
+
+    @staticmethod
+    def _xt_ties(graph: StepGraph) -> dict[str, str]:
+        """{conv-input key: prev_sample key} for the quantized inputs that read x_t directly.
+
+        In a quantized chain x_t *is* the previous step's quantized x_{t-1}: giving the consumers
+        of x_t that step's range makes their quantizer an exact no-op (the values are on its grid)
+        instead of a second rounding, and lets a lowered step hand its int8 x_{t-1} codes to the
+        next step's first conv. The solve pass resolves the key pair (shifted by one step)."""
+        x_t = graph.placeholders()[0]
+        prev = graph.named_outputs()["prev_sample"]
+        ties = {}
+        for n in graph.graph.nodes:
+            ann = get_annotation(n)
+            if ann is None or n.op != "call_function" or n.target not in (CONV_OPS | LINEAR_OPS):
+                continue
+            if ann.input_qspec_map.get(x_t) is not None and get_annotation(prev) is not None:
+                ties[f"{n.name}:{x_t.name}"] = f"{prev.name}:out"
+        return ties
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         pol = self.policy
@@ -128,4 +148,5 @@ class Mark:
                 done.add(node)
                 counts["output"] += 1
         graph.meta["timestep_groups"] = pol.timestep_groups
+        graph.meta["shared_ranges"] = self._xt_ties(graph) if (pol.share_xt_range and pol.quantize_outputs) else {}
         ctx.results["mark"] = {"counts": counts, "left_in_float": fp, "policy": pol}

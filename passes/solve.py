@@ -152,7 +152,44 @@ class Solve:
             qparams[qt.key] = qp
             reports.append(TensorReport(qt.key, qt.spec.role, qt.spec.short(), float(qp.scale.float().mean()),
                                         int(qp.zero_point.reshape(-1)[0]) if qp.zero_point.numel() else 0, e, e_mm))
+        self._share_ranges(graph, qparams, reports)
         ctx.results["solve"] = reports
+
+    def _share_ranges(self, graph: StepGraph, qparams: dict, reports: list) -> None:
+        """graph.meta['shared_ranges'] {dst: src} (mark's QuantPolicy.share_xt_range): dst takes
+        src's qparams from one sampler step earlier (x_t at step i is x_{t-1} of step i - 1). One
+        range for all t: the same qparams. Per-step ranges (groups == sampler steps): group i takes
+        src's group i - 1; group 0 (x_T) keeps its own. Other group counts cannot be shifted by
+        one step and are refused."""
+        for dst, src in (graph.meta.get("shared_ranges") or {}).items():
+            d, s_ = qparams[dst], qparams[src]
+            if (d.qmin, d.qmax) != (s_.qmin, s_.qmax):
+                raise ValueError(f"share_xt_range: {dst!r} is [{d.qmin}, {d.qmax}] but x_{{t-1}} ({src!r}) is "
+                                 f"[{s_.qmin}, {s_.qmax}]; give activations and outputs the same bits")
+            if not s_.groups:
+                new = QParams(s_.scale.clone(), s_.zero_point.clone(), s_.qmin, s_.qmax, None, 0)
+            else:
+                steps = graph.meta["sampler"].S
+                if s_.groups != steps or d.groups != steps:
+                    raise ValueError(f"share_xt_range needs one range per sampler step (timestep_groups = {steps}), "
+                                     f"got {s_.groups}")
+                new = QParams(torch.cat([d.scale[:1], s_.scale[:-1]]), torch.cat([d.zero_point[:1], s_.zero_point[:-1]]),
+                              d.qmin, d.qmax, None, d.groups)
+            qparams[dst] = new
+            o = observers(graph)[dst]
+            if isinstance(o, GroupedObserver):  # the error of the shared range, on the data it now quantizes
+                parts = [(g, p) for g, p in enumerate(o.parts) if p.min is not None]
+                w = torch.tensor([float(p.seen) for _, p in parts], dtype=torch.float64)
+                errs = [lp_error(p.sample, QParams(new.scale[g], new.zero_point[g], new.qmin, new.qmax), self.solver.p)
+                        .mean().item() for g, p in parts]
+                err = float((torch.tensor(errs, dtype=torch.float64) * w / w.sum()).sum())
+            else:
+                err = lp_error(o.sample, new, self.solver.p).mean().item()
+            for i, r in enumerate(reports):
+                if r.key == dst:
+                    reports[i] = TensorReport(r.key, r.role, r.spec + f" (range of {src}, one step earlier)",
+                                              float(new.scale.float().mean()), int(new.zero_point.reshape(-1)[0]),
+                                              err, r.error_minmax)
 
 
 def getattr_path(gm: torch.nn.Module, node_name: str, graph: StepGraph) -> torch.Tensor:

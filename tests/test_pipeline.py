@@ -140,3 +140,42 @@ def test_per_timestep_scales_are_gathered_by_t(tiny_unet):
     assert all(tr.error <= tr.error_minmax * (1 + 1e-6) + 1e-30 for tr in r.report.tensors)
     with pytest.raises(ValueError, match="timestep_groups"):
         QuantPolicy(timestep_groups=0)
+
+
+@pytest.mark.parametrize("groups", [1, 10])
+def test_share_xt_range_makes_the_next_steps_input_quantizer_exact(tiny_unet, groups):
+    """QuantPolicy(share_xt_range): the convs reading x_t take the range the previous step
+    quantized x_{t-1} to, so in a quantized chain their input quantizer changes nothing."""
+    from ptq4dm.ir.quant import fake_quant
+
+    step = _step(tiny_unet, steps=10, kind="ddim")
+    r = ptq4dm.quantize(step, calibration=NDTC(n=40, batch_size=40), progress=False,
+                        policy=QuantPolicy(timestep_groups=groups, share_xt_range=True))
+    ties = r.graph.meta["shared_ranges"]
+    assert len(ties) == 1   # conv_in reads x_t
+    (dst, src), = ties.items()
+    qp, qs = r.graph.meta["qparams"][dst], r.graph.meta["qparams"][src]
+    if groups == 1:
+        assert torch.equal(qp.scale, qs.scale) and torch.equal(qp.zero_point, qs.zero_point)
+    else:
+        assert torch.equal(qp.scale[1:], qs.scale[:-1]) and torch.equal(qp.zero_point[1:], qs.zero_point[:-1])
+    ts = step.sampler.timesteps
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for i in range(3):  # run the quantized chain; check each produced x_t against the next step's range
+            x = r.graph(x, ts[i].repeat(4), torch.zeros_like(x)).prev_sample
+            g = (i + 1) * groups // len(ts) if groups > 1 else None
+            s, z = (qp.scale, qp.zero_point) if g is None else (qp.scale[g], qp.zero_point[g])
+            assert torch.equal(fake_quant(x, s, z, qp.qmin, qp.qmax), x)
+    entry = next(t for t in r.report.tensors if t.key == dst)
+    assert "one step earlier" in entry.spec
+
+
+def test_share_xt_range_refuses_what_it_cannot_shift(tiny_unet):
+    step = _step(tiny_unet, steps=10, kind="ddim")
+    with pytest.raises(ValueError, match="one range per sampler step"):
+        ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False,
+                        policy=QuantPolicy(timestep_groups=5, share_xt_range=True))
+    with pytest.raises(ValueError, match="same bits"):
+        ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False,
+                        policy=QuantPolicy(output_bits=6, share_xt_range=True))

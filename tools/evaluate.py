@@ -38,12 +38,14 @@ class Config:
     quantize_outputs: bool = True
     per_step: bool = False          # one activation / output range per sampler step (ours)
     keep_first_last: bool = False   # conv_in / conv_out in float
+    share_xt: bool = False          # conv_in reads x_t with x_{t-1}'s range (QuantPolicy.share_xt_range)
 
 
 CONFIGS = [
     Config("fp", "FP32", calibration=""),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
+    Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),
     Config("ptq4dm-w8a8-per-step-fl", "W8A8 PTQ4DM + per-step, conv_in/out FP", per_step=True, keep_first_last=True),
     Config("minmax-w8a8", "W8A8 NDTC + min-max ranges", solver="minmax"),
     Config("uniform-w8a8", "W8A8 uniform-t calibration + MSE", calibration="uniform"),
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             qinfo = {}
         else:
             pol = QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, quantize_outputs=cfg.quantize_outputs,
-                              timestep_groups=args.steps if cfg.per_step else 1, keep_first_last_fp=cfg.keep_first_last)
+                              timestep_groups=args.steps if cfg.per_step else 1, keep_first_last_fp=cfg.keep_first_last,
+                              share_xt_range=cfg.share_xt)
             res = ptq4dm.quantize(step, calibration=calib_kinds[cfg.calibration],
                                   solver=MSE() if cfg.solver == "mse" else MinMax(), policy=pol, cache_dir=cache)
             with torch.no_grad():

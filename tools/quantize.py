@@ -52,6 +52,8 @@ def parse_args(argv):
     q.add_argument("--fp-outputs", action="store_true", help="leave mean / variance / x_{t-1} in float")
     q.add_argument("--keep-first-last-fp", action="store_true")
     q.add_argument("--per-step", action="store_true", help="one activation range per sampler step (beyond the paper)")
+    q.add_argument("--share-xt-range", action="store_true",
+                   help="convs reading x_t use the range x_{t-1} was quantized to one step earlier (no second rounding)")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = QuantPolicy(weight_bits=args.weight_bits, act_bits=args.act_bits, attn_bits=args.attn_bits,
                              output_bits=args.output_bits, act_symmetric=args.act_symmetric,
                              quantize_outputs=not args.fp_outputs, keep_first_last_fp=args.keep_first_last_fp,
-                             timestep_groups=args.steps if args.per_step else 1)
+                             timestep_groups=args.steps if args.per_step else 1, share_xt_range=args.share_xt_range)
         stages["load"] = time.perf_counter() - t0
         result = ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy,
                                  pipeline=args.passes or DEFAULT_PIPELINE, progress=not args.no_progress,
