@@ -3,8 +3,10 @@ into them and sees the Triton launches; torch.export keeps them as single ops) a
 by device:
 
     ptq4dm::quantize(x, scale, zp, qmin, qmax, axis)            float -> int8 codes (ir/quant.py)
-    ptq4dm::qlinear(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, out_dtype)
-    ptq4dm::qconv2d(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding, out_dtype)
+    ptq4dm::qlinear(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, out_dtype,
+                    out_scale=None, out_zp=None, out_qmin=-128, out_qmax=127)
+    ptq4dm::qconv2d(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding, out_dtype,
+                    out_scale=None, out_zp=None, out_qmin=-128, out_qmax=127)
     ptq4dm::qmatmul(aq, a_scale, a_zp, bq, b_scale, b_zp, out_dtype)
 
 The int8 ops take int8 activation codes with their solved range (x_scale / x_zp: () or
@@ -12,7 +14,10 @@ per-sample (B,)). The quantization itself is a separate, composite graph op, so 
 it into whatever produced the activation (GroupNorm + SiLU + quantize in one kernel) and the
 int8 op reads int8. Weights are packed once by the lower pass: ``wp`` (K, N) int8 with
 ``w_sum`` (N,) int32 for the zero-point correction and per-output-channel ``w_scale``. A
-``residual`` is the graph's following add, fused into the epilogue. qconv2d returns its NHWC
+``residual`` is the graph's following add, fused into the epilogue. With ``out_scale`` /
+``out_zp`` (() or (B,)) the epilogue requantizes: the op returns the int8 codes its consumer's
+``ptq4dm.quantize`` would have produced (same formula, on the float32 epilogue value), and
+``out_dtype`` is unused. qconv2d returns its NHWC
 result as an NCHW tensor in channels-last memory (no transpose copy).
 
 CPU: the integer-exact reference (backends/reference.py). CUDA: the Triton kernels
@@ -57,7 +62,8 @@ def _op(name: str):
 @_op("qlinear")
 def qlinear(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: torch.Tensor, w_sum: torch.Tensor,
             w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-            out_dtype: torch.dtype) -> torch.Tensor:
+            out_dtype: torch.dtype, out_scale: torch.Tensor | None = None, out_zp: torch.Tensor | None = None,
+            out_qmin: int = -128, out_qmax: int = 127) -> torch.Tensor:
     lead, K, N = xq.shape[:-1], xq.shape[-1], wp.shape[1]
     if _use_triton(xq):
         from .triton_kernels import int8_gemm
@@ -66,20 +72,27 @@ def qlinear(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: tor
         rps = x2.shape[0] // x_scale.numel() if x_scale.dim() else x2.shape[0]
         res = residual.reshape(-1, N) if residual is not None else None
         return int8_gemm(x2, x_zp, x_scale, wp, w_sum, w_scale, bias, rows_per_sample=rps, residual=res,
-                         out_dtype=out_dtype).reshape(*lead, N)
-    return ref.linear_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual).to(out_dtype)
+                         out_dtype=out_dtype, out_scale=out_scale, out_zp=out_zp, out_qmin=out_qmin,
+                         out_qmax=out_qmax).reshape(*lead, N)
+    y = ref.linear_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual)
+    return ref.requantize(y, out_scale, out_zp, out_qmin, out_qmax) if out_scale is not None else y.to(out_dtype)
 
 
 @_op("qconv2d")
 def qconv2d(xq: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, wp: torch.Tensor, w_sum: torch.Tensor,
             w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, kh: int, kw: int,
-            stride: int, padding: int, out_dtype: torch.dtype) -> torch.Tensor:
+            stride: int, padding: int, out_dtype: torch.dtype, out_scale: torch.Tensor | None = None,
+            out_zp: torch.Tensor | None = None, out_qmin: int = -128, out_qmax: int = 127) -> torch.Tensor:
     if _use_triton(xq):
         from .triton_kernels import int8_conv2d
 
         return int8_conv2d(xq, x_zp, x_scale, wp, w_sum, w_scale, bias, kh, kw, stride, padding,
-                           residual=residual, out_dtype=out_dtype)
-    return ref.conv2d_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding).to(out_dtype)
+                           residual=residual, out_dtype=out_dtype, out_scale=out_scale, out_zp=out_zp,
+                           out_qmin=out_qmin, out_qmax=out_qmax)
+    y = ref.conv2d_q(xq, x_scale, x_zp, wp, w_sum, w_scale, bias, residual, kh, kw, stride, padding)
+    if out_scale is not None:   # channels-last memory is kept by the elementwise requantize
+        return ref.requantize(y, out_scale, out_zp, out_qmin, out_qmax).contiguous(memory_format=torch.channels_last)
+    return y.to(out_dtype)
 
 
 @_op("qmatmul")

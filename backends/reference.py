@@ -10,6 +10,9 @@ Conventions (shared with backends/triton_kernels.py):
 * accumulation in int32 (done here in int64, then checked to fit):
       acc[m, n] = sum_k xq[m, k] * wq[n, k] - x_zp[m] * sum_k wq[n, k]
 * epilogue: ``out = acc * (x_scale[m] * w_scale[n]) + bias[n] (+ residual[m, n])`` in float32
+* requantizing epilogue (when the op's consumer wants int8, e.g. the q / k / v linears feeding
+  the attention matmuls): ``q = clamp(round(out * (1 / out_scale)) + out_zp, qmin, qmax)`` on the
+  float32 ``out`` above, the formula of ``ptq4dm.quantize``; out_scale / out_zp () or (B,)
 * packed weights (what the lower pass stores once): ``wp`` (K, N) int8 with
   ``w_sum[n] = sum_k wp[k, n]`` (int32); for a conv k = (i*KW + j)*C + c (``pack_conv_weight``)
 
@@ -31,6 +34,15 @@ def quantize_act(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: i
     s = scale.reshape(shape) if scale.dim() else scale
     z = zp.reshape(shape) if zp.dim() else zp
     return torch.clamp(torch.round(x.float() * (1.0 / s.float())) + z.float(), qmin, qmax).to(torch.int8)
+
+
+def requantize(y: torch.Tensor, out_scale: torch.Tensor | None, out_zp: torch.Tensor | None, qmin: int = -128,
+               qmax: int = 127) -> torch.Tensor:
+    """The requantizing epilogue: float32 ``y`` -> int8 codes of the consumer's range (per tensor
+    or per sample along dim 0); ``y`` unchanged when ``out_scale`` is None."""
+    if out_scale is None:
+        return y
+    return quantize_act(y, out_scale, out_zp, qmin, qmax)
 
 
 def _check_int32(acc: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Triton int8 kernels: an int8 GEMM, an implicit-GEMM convolution (channels-last) and a batched
 activation x activation matmul (attention), all accumulating in int32 with a fused epilogue
 (zero-point correction, per-channel weight scale x per-row activation scale, bias, and the
-graph's residual add when the lower pass fused one). Tested on the CPU under ``TRITON_INTERPRET=1`` against
+graph's residual add when the lower pass fused one, and a requantization to the consumer's
+int8 range when the consumer wants int8). Tested on the CPU under ``TRITON_INTERPRET=1`` against
 backends/reference.py (same conventions, documented there).
 
 Kernel, launcher and reference side by side, as in Triton's tutorials. No autotuning here:
@@ -45,10 +46,31 @@ if HAVE_TRITON:
         return acc, out
 
     @triton.jit
+    def _requant(out, offs_m, mask_m, rows_per_sample, o_scale_ptr, o_zp_ptr, qmin, qmax, OUT_PER_SAMPLE: tl.constexpr):
+        """float32 -> int8 codes of the consumer's range: clamp(round(out * (1/s)) + z, qmin, qmax),
+        round half to even like torch.round. The rounding adds and subtracts 1.5 * 2**23 (exact
+        for |v| < 2**22; the clamp before it keeps v there and keeps the compiler from fusing the
+        multiply into the add, which would round differently from the reference)."""
+        if OUT_PER_SAMPLE:
+            sample = offs_m // rows_per_sample
+            s = tl.load(o_scale_ptr + sample, mask=mask_m, other=1.0)
+            z = tl.load(o_zp_ptr + sample, mask=mask_m, other=0)
+        else:
+            s = tl.load(o_scale_ptr + offs_m * 0, mask=mask_m, other=1.0)
+            z = tl.load(o_zp_ptr + offs_m * 0, mask=mask_m, other=0)
+        v = out * (1.0 / s)[:, None]
+        v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
+        v = (v + 12582912.0) - 12582912.0
+        v = v + z[:, None].to(tl.float32)
+        return tl.minimum(tl.maximum(v, qmin), qmax).to(tl.int8)
+
+    @triton.jit
     def int8_gemm_kernel(a_ptr, b_ptr, out_ptr, acc_ptr, M, N, K, rows_per_sample,
                          x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                         o_scale_ptr, o_zp_ptr, out_qmin, out_qmax,
                          stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn,
                          PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, WRITE_ACC: tl.constexpr,
+                         QUANT_OUT: tl.constexpr, OUT_PER_SAMPLE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[M, N] = dequant(A[M, K] int8 @ B[K, N] int8) with the epilogue above."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -66,6 +88,9 @@ if HAVE_TRITON:
         res_ptrs = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc, out = _epilogue(acc, offs_m, offs_n, M, N, rows_per_sample, x_zp_ptr, x_scale_ptr, w_sum_ptr,
                              w_scale_ptr, bias_ptr, res_ptrs, PER_SAMPLE, HAS_BIAS, HAS_RES)
+        if QUANT_OUT:
+            out = _requant(out, offs_m, offs_m < M, rows_per_sample, o_scale_ptr, o_zp_ptr, out_qmin, out_qmax,
+                           OUT_PER_SAMPLE)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
         if WRITE_ACC:
@@ -74,9 +99,11 @@ if HAVE_TRITON:
     @triton.jit
     def int8_conv_kernel(x_ptr, w_ptr, out_ptr, acc_ptr, B, H, W, C, OH, OW, N, K,
                          x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                         o_scale_ptr, o_zp_ptr, out_qmin, out_qmax,
                          sxb, sxc, sxh, sxw, srb, src, srh, srw,
                          STRIDE: tl.constexpr, PAD: tl.constexpr, KW: tl.constexpr,
                          PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, WRITE_ACC: tl.constexpr,
+                         QUANT_OUT: tl.constexpr, OUT_PER_SAMPLE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Implicit-GEMM conv: rows m = (b, oh, ow), columns n = output channel, reduction
         k = (i*KW + j)*C + c over the packed weight (K, N). Input int8 (B, C, H, W) addressed by
@@ -113,6 +140,8 @@ if HAVE_TRITON:
         res_ptrs = res_ptr + (b_idx * srb + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src
         acc, out = _epilogue(acc, offs_m, offs_n, M, N, OH * OW, x_zp_ptr, x_scale_ptr, w_sum_ptr,
                              w_scale_ptr, bias_ptr, res_ptrs, PER_SAMPLE, HAS_BIAS, HAS_RES)
+        if QUANT_OUT:
+            out = _requant(out, offs_m, offs_m < M, OH * OW, o_scale_ptr, o_zp_ptr, out_qmin, out_qmax, OUT_PER_SAMPLE)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
         if WRITE_ACC:
@@ -173,27 +202,41 @@ def _vec(v: torch.Tensor, dtype, device) -> torch.Tensor:
     return v.reshape(-1).to(device=device, dtype=dtype).contiguous()
 
 
+def _out_q(out_scale: torch.Tensor | None, out_zp: torch.Tensor | None, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """The requantizing epilogue's (scale, zero point) vectors; placeholders when there is none."""
+    if out_scale is None:
+        return torch.ones(1, device=dev), torch.zeros(1, dtype=torch.int32, device=dev)
+    if out_zp is None:
+        raise ValueError("out_scale given without out_zp: the requantizing epilogue needs both")
+    return _vec(out_scale, torch.float32, dev), _vec(out_zp, torch.int32, dev)
+
+
 def int8_gemm(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor,
               w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
               rows_per_sample: int | None = None, residual: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
-              block_m: int = 16, block_n: int = 16, block_k: int = 16):
-    """xq (M, K) int8, w_packed (K, N) int8 -> (M, N) in out_dtype [, int32 acc]; residual (M, N)."""
+              out_scale: torch.Tensor | None = None, out_zp: torch.Tensor | None = None, out_qmin: int = -128,
+              out_qmax: int = 127, block_m: int = 16, block_n: int = 16, block_k: int = 16):
+    """xq (M, K) int8, w_packed (K, N) int8 -> (M, N) in out_dtype [, int32 acc]; residual (M, N).
+    With out_scale / out_zp (() or (B,)): int8 codes of that range instead (requantizing epilogue)."""
     _need_triton()
     M, K = xq.shape
     N = w_packed.shape[1]
     dev = xq.device
     per_sample = x_zp.dim() > 0
-    out = torch.empty((M, N), dtype=out_dtype, device=dev)
+    quant_out = out_scale is not None
+    out = torch.empty((M, N), dtype=torch.int8 if quant_out else out_dtype, device=dev)
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
     res = residual if residual is not None else out
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _launch(int8_gemm_kernel)[grid](xq, w_packed, out, acc, M, N, K, rows_per_sample or M,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
                            _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
+                           *_out_q(out_scale, out_zp, dev), out_qmin, out_qmax,
                            xq.stride(0), xq.stride(1), w_packed.stride(0), w_packed.stride(1), res.stride(0), res.stride(1),
                            PER_SAMPLE=per_sample, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                           WRITE_ACC=return_acc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           WRITE_ACC=return_acc, QUANT_OUT=quant_out, OUT_PER_SAMPLE=quant_out and out_scale.dim() > 0,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return (out, acc) if return_acc else out
 
 
@@ -201,25 +244,30 @@ def int8_conv2d(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_p
                 w_sum: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, kh: int, kw: int,
                 stride: int = 1, padding: int = 0, residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
-                block_m: int = 16, block_n: int = 16, block_k: int = 16):
+                out_scale: torch.Tensor | None = None, out_zp: torch.Tensor | None = None, out_qmin: int = -128,
+                out_qmax: int = 127, block_m: int = 16, block_n: int = 16, block_k: int = 16):
     """xq (B, C, H, W) int8 (any strides; channels-last is the fast layout), w_packed (KH*KW*C, N)
-    -> (B, N, OH, OW) in channels-last memory [, int32 acc (M, N)]; residual (B, N, OH, OW)."""
+    -> (B, N, OH, OW) in channels-last memory [, int32 acc (M, N)]; residual (B, N, OH, OW).
+    With out_scale / out_zp (() or (B,)): int8 codes of that range instead (requantizing epilogue)."""
     _need_triton()
     B, C, H, W = xq.shape
     N, K = w_packed.shape[1], w_packed.shape[0]
     OH, OW = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     M = B * OH * OW
     dev = xq.device
-    out = torch.empty((M, N), dtype=out_dtype, device=dev)
+    quant_out = out_scale is not None
+    out = torch.empty((M, N), dtype=torch.int8 if quant_out else out_dtype, device=dev)
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
     res = residual if residual is not None else out.view(B, OH, OW, N).permute(0, 3, 1, 2)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _launch(int8_conv_kernel)[grid](xq, w_packed, out, acc, B, H, W, C, OH, OW, N, K,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
                            _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
+                           *_out_q(out_scale, out_zp, dev), out_qmin, out_qmax,
                            *xq.stride(), *res.stride(),
                            STRIDE=stride, PAD=padding, KW=kw, PER_SAMPLE=x_zp.dim() > 0, HAS_BIAS=bias is not None,
                            HAS_RES=residual is not None, WRITE_ACC=return_acc,
+                           QUANT_OUT=quant_out, OUT_PER_SAMPLE=quant_out and out_scale.dim() > 0,
                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     out = out.view(B, OH, OW, N).permute(0, 3, 1, 2)
     return (out, acc) if return_acc else out

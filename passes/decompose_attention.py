@@ -23,6 +23,19 @@ aten = torch.ops.aten
 ATTN = "ptq4dm.attn"
 
 
+def _propagate_vals(nodes) -> None:
+    """meta['val'] of the new nodes from their inputs' fake values (later passes read shapes and
+    dtypes there); left unset if an input has none."""
+    def val(a):
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    for nd in nodes:
+        args = [val(a) for a in nd.args]
+        if any(isinstance(a, fx.Node) and not isinstance(val(a), torch.Tensor) for a in nd.args):
+            return
+        nd.meta["val"] = nd.target(*args)
+
+
 @register_pass
 @dataclass
 class DecomposeAttention:
@@ -59,6 +72,7 @@ class DecomposeAttention:
                 new.meta[ROLE] = n.meta.get(ROLE, "unet")
                 new.meta["nn_module_stack"] = n.meta.get("nn_module_stack", {})
             s.meta[ATTN], o.meta[ATTN] = "qk", "pv"
+            _propagate_vals((kt, s, s2, p, o))
             n.replace_all_uses_with(o)
             g.erase_node(n)
             count += 1

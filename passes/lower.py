@@ -7,7 +7,11 @@ writes: ``ptq4dm.quantize`` (float -> int8 codes, composite, so Inductor fuses i
         producer; conv inputs then go channels-last) feeding ``ptq4dm.qconv2d`` /
         ``ptq4dm.qlinear`` (int8 weights packed once as buffers ``ptq4dm_w8_<i>`` (K, N) with
         ``_sum`` and ``_scale``) and ``ptq4dm.qmatmul``; an ``add(op, r)`` whose only input from
-        the op is that op is folded into its epilogue (``residual=r``). Ops it cannot lower
+        the op is that op is folded into its epilogue (``residual=r``); an op whose result goes,
+        through shape-only views (view / reshape / transpose / permute / unsqueeze), to exactly
+        one ``ptq4dm.quantize`` gets that quantizer's range (``out_scale`` / ``out_zp``) and
+        returns int8 codes itself (requantizing epilogue: the attention's q / k / v linears feeding
+        the int8 matmuls; the views then move int8). Ops it cannot lower
         (dilation, groups, uneven stride / padding) stay fake-quant and are listed in
         ``ctx.results['lower']['kept']``.
 
@@ -74,6 +78,58 @@ def _residual(n: fx.Node):
     return u, other
 
 
+# shape-only ops the int8 codes may travel through between an op and its consumer's quantize
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+          aten.permute.default, aten.unsqueeze.default}
+
+
+def _requant_target(n: fx.Node):
+    """(chain of view nodes, the quantize node) when n's result reaches exactly one per-tensor
+    or per-sample int8 ``ptq4dm.quantize`` through single-use views, else None. A per-sample
+    range needs dim 0 (the batch) left in place by every view."""
+    chain, cur = [], n
+    while True:
+        users = list(cur.users)
+        if len(users) != 1 or users[0].op != "call_function":
+            return None
+        u = users[0]
+        if u.target is QUANT and u.args[0] is cur:
+            break
+        if u.target not in _VIEWS or u.args[0] is not cur:
+            return None
+        chain.append(u)
+        cur = u
+    axis = u.args[5] if len(u.args) > 5 else None
+    if axis not in (None, 0) or u.args[3] < -128 or u.args[4] > 127:
+        return None
+    if axis == 0:
+        b0 = n.meta.get("val")
+        for c in chain:
+            v = c.meta.get("val")
+            if not isinstance(v, torch.Tensor) or not isinstance(b0, torch.Tensor) or str(v.shape[0]) != str(b0.shape[0]):
+                return None
+            if c.target is aten.transpose.int and 0 in (c.args[1] % v.dim(), c.args[2] % v.dim()):
+                return None
+            if c.target is aten.permute.default and c.args[1][0] % v.dim() != 0:
+                return None
+    return chain, u
+
+
+def _hoist(values, before: fx.Node) -> None:
+    """Move the nodes computing ``values`` (and what they need) that come after ``before`` to just
+    before it, keeping their order: a consumer's quantizer range, computed late, made available
+    to the producer's epilogue."""
+    order = {nd: i for i, nd in enumerate(before.graph.nodes)}
+    limit, late, stack = order[before], set(), [v for v in values if isinstance(v, fx.Node)]
+    while stack:
+        nd = stack.pop()
+        if order[nd] > limit and nd not in late:
+            late.add(nd)
+            stack.extend(a for a in nd.all_input_nodes)
+    for nd in sorted(late, key=order.__getitem__):
+        before.prepend(nd)
+
+
 def _uniform(v, n=2):
     v = list(v) if isinstance(v, (list, tuple)) else [v] * n
     return v[0] if all(x == v[0] for x in v) else None
@@ -89,11 +145,12 @@ class Lower:
     preserves_semantics = False
 
     fuse_residual: bool = True
+    fuse_requant: bool = True
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
         qparams = graph.meta.get("qparams") or {}
-        counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0}
+        counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0, "requant_fused": 0}
         kept = []
         i = 0
 
@@ -175,6 +232,19 @@ class Lower:
                 n.replace_all_uses_with(new)
                 g.erase_node(n)
                 counts["qmatmul"] += 1
+        g.eliminate_dead_code()   # the replaced fake_quant nodes: gone before counting users
+        if self.fuse_requant:
+            for n in list(g.nodes):
+                if n.op == "call_function" and n.target in (QCONV, QLINEAR) and (hit := _requant_target(n)):
+                    chain, q = hit
+                    _hoist(q.args[1:3], n)
+                    n.args = tuple(n.args) + (q.args[1], q.args[2], q.args[3], q.args[4])
+                    for m in [n] + chain:   # these now carry int8 codes
+                        if isinstance(m.meta.get("val"), torch.Tensor):
+                            m.meta["val"] = m.meta["val"].to(torch.int8)
+                    q.replace_all_uses_with(chain[-1] if chain else n)
+                    g.erase_node(q)
+                    counts["requant_fused"] += 1
         g.eliminate_dead_code()
         for name in [b for b, _ in gm.named_buffers() if b.startswith("ptq4dm_wq_")]:
             if not any(nd.op == "get_attr" and nd.target == name for nd in g.nodes):

@@ -15,6 +15,7 @@ from ptq4dm.ir.graph import StepGraph
 from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
 from ptq4dm.passes import NDTC, PassContext, PassManager, QuantPolicy
+from ptq4dm.passes.lower import Lower
 
 from ptq4dm.backends import triton_kernels  # imports without triton (HAVE_TRITON = False)
 needs_interpreter = pytest.mark.skipif(
@@ -93,6 +94,77 @@ def test_int8_bmm_kernel_matches_reference(b, heads, m, k, n, per_sample, seed):
     assert torch.allclose(out, want_acc.float() * scale, rtol=1e-6, atol=1e-6)
 
 
+def _check_codes(got: torch.Tensor, y: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+    """Kernel codes vs ``reference.requantize(y)``: equal wherever y / s is not within float
+    rounding of a .5 boundary (there the kernel's and the reference's float32 epilogues may
+    round apart by one code)."""
+    want = R.requantize(y, s, z)
+    assert got.dtype == torch.int8 and got.shape == want.shape
+    v = (y.float() * (1.0 / R._per_sample(s, y.dim()))).abs()
+    near = ((v - v.floor()) - 0.5).abs() < 1e-3 * (1 + v)
+    diff = (got.int() - want.int()).abs()
+    assert diff.max() <= 1 and torch.equal(got[~near], want[~near])
+
+
+@needs_interpreter
+@given(m=st.integers(1, 30), k=st.integers(1, 40), n=st.integers(1, 20), per_sample=st.booleans(),
+       residual=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_requantizing_epilogue_gemm(m, k, n, per_sample, residual, seed):
+    """qlinear with out_scale / out_zp returns the codes its consumer's quantize would produce."""
+    g = torch.Generator().manual_seed(seed)
+    xq, wq = _codes((m, k), g), _codes((n, k), g, -127)
+    B = 2 if per_sample and m % 2 == 0 else 1
+    shape = (B,) if B == 2 else ()
+    zp, sx = torch.randint(-128, 128, shape, generator=g).int(), torch.rand(shape, generator=g) + 0.01
+    sw, b = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+    r = torch.randn(m, n, generator=g) if residual else None
+    wp = wq.T.contiguous()
+    y = R.linear_q(xq, sx, zp, wp, wq.int().sum(1), sw, b, r)
+    s_out = (y.abs().amax() / 100 + 1e-3) * (torch.rand(shape, generator=g) + 0.5)   # some codes clamp
+    z_out = torch.randint(-20, 21, shape, generator=g).int()
+    got = triton_kernels.int8_gemm(xq, zp, sx, wp, wq.int().sum(1), sw, b, rows_per_sample=m // B, residual=r,
+                                   out_scale=s_out, out_zp=z_out)
+    _check_codes(got, y, s_out.repeat_interleave(m // B) if B == 2 else s_out,
+                 z_out.repeat_interleave(m // B) if B == 2 else z_out)
+    # the registered op on the reference (CPU) path, with the graph's (B, L, K) layout
+    x3, r3 = xq.reshape(B, m // B, k), (r.reshape(B, m // B, n) if residual else None)
+    op = torch.ops.ptq4dm.qlinear(x3, sx, zp, wp, wq.int().sum(1), sw, b, r3, torch.float32, s_out, z_out)
+    assert torch.equal(op, R.requantize(y.reshape(B, m // B, n), s_out, z_out))
+
+
+@needs_interpreter
+def test_requantizing_epilogue_rounds_half_to_even():
+    """Exact .5 cases (y = odd / 2, scale 1): the kernel rounds them like torch.round (to even),
+    not away from zero or by truncation."""
+    xq = torch.arange(-60, 60, dtype=torch.int8).reshape(-1, 1)
+    wq = torch.ones(1, 1, dtype=torch.int8)
+    one, zero = torch.tensor(1.0), torch.tensor(0, dtype=torch.int32)
+    got = triton_kernels.int8_gemm(xq, zero, one, wq, wq.int().sum(0), torch.tensor([0.5]), out_scale=one, out_zp=zero)
+    want = torch.round(xq.float() * 0.5).to(torch.int8)
+    assert torch.equal(got, want) and (xq % 2 != 0).any()
+
+
+@needs_interpreter
+@given(b=st.integers(1, 2), c=st.integers(1, 4), h=st.integers(1, 6), w=st.integers(1, 6), oc=st.integers(1, 5),
+       ks=st.sampled_from([1, 3]), per_sample=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_requantizing_epilogue_conv(b, c, h, w, oc, ks, per_sample, seed):
+    if h + 2 < ks or w + 2 < ks:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x, wq = _codes((b, c, h, w), g).contiguous(memory_format=torch.channels_last), _codes((oc, c, ks, ks), g, -127)
+    shape = (b,) if per_sample else ()
+    zp, sx = torch.randint(-128, 128, shape, generator=g).int(), torch.rand(shape, generator=g) + 0.01
+    sw, bias = torch.rand(oc, generator=g) * 0.01, torch.randn(oc, generator=g)
+    wp = R.pack_conv_weight(wq).T.contiguous()
+    y = R.conv2d_q(x, sx, zp, wp, wp.int().sum(0), sw, bias, None, ks, ks, 1, 1)
+    s_out = (y.abs().amax() / 100 + 1e-3) * (torch.rand(shape, generator=g) + 0.5)
+    z_out = torch.randint(-20, 21, shape, generator=g).int()
+    got = triton_kernels.int8_conv2d(x, zp, sx, wp, wp.int().sum(0), sw, bias, ks, ks, 1, 1,
+                                     out_scale=s_out, out_zp=z_out, block_k=8)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    _check_codes(got, y, s_out, z_out)
+
+
 @given(seed=st.integers(0, 2**31 - 1), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]))
 def test_reference_conv_equals_float_conv_of_dequantized_values(seed, stride, pad):
     """The oracle itself: int8 conv + epilogue == float conv on the dequantized operands."""
@@ -111,9 +183,13 @@ def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
     step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
     r = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False, policy=QuantPolicy(timestep_groups=groups))
     fq = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
+    unfused = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
     ctx = PassContext(progress=False)
     PassManager.from_pipeline("lower").run(r.graph, ctx)
+    PassManager([Lower(fuse_requant=False)]).run(unfused, PassContext(progress=False))
     counts = ctx.results["lower"]["counts"]
+    # q, k, v of every attention go to the int8 matmuls as int8 straight from the linear's epilogue
+    assert counts["requant_fused"] == 3 * r.report.counts["attn_matmul"] // 2 > 0
     assert {k: counts[k] for k in ("qconv2d", "qlinear", "qmatmul")} == {
         "qconv2d": r.report.counts["conv"], "qlinear": r.report.counts["linear"], "qmatmul": r.report.counts["attn_matmul"]}
     assert counts["residual_fused"] > 0   # the resnet blocks' skip adds went into the conv epilogue
@@ -127,7 +203,9 @@ def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
         x, t = cs.x[:max(batch, 2)], cs.t[:max(batch, 2)]
         n = torch.randn(x.shape, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
-            low, ref = r.graph(x, t, n), fq(x, t, n)
+            low, ref, low_unfused = r.graph(x, t, n), fq(x, t, n), unfused(x, t, n)
+        for a, b in zip(low, low_unfused):
+            assert torch.equal(a, b)   # the requantizing epilogue rounds exactly as the quantize it replaced
         for a, b in zip(low, ref):
             # the output quantizer's step bounds the difference (rounding can flip one code)
             assert (a - b).abs().max() <= 1.01 * r.graph.meta["qparams"][
