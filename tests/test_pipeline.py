@@ -142,15 +142,20 @@ def test_per_timestep_scales_are_gathered_by_t(tiny_unet):
         QuantPolicy(timestep_groups=0)
 
 
-@pytest.mark.parametrize("groups", [1, 10])
-def test_share_xt_range_makes_the_next_steps_input_quantizer_exact(tiny_unet, groups):
+@pytest.mark.parametrize("groups,lowered", [(1, False), (10, False), (10, True)])
+def test_share_xt_range_makes_the_next_steps_input_quantizer_exact(tiny_unet, groups, lowered):
     """QuantPolicy(share_xt_range): the convs reading x_t take the range the previous step
-    quantized x_{t-1} to, so in a quantized chain their input quantizer changes nothing."""
+    quantized x_{t-1} to, so in a quantized chain their input quantizer changes nothing. In the
+    lowered (int8) graph this is the x_{t-1} handoff: the next step's conv_in reads exactly the
+    int8 codes the previous step emitted x_{t-1} as."""
     from ptq4dm.ir.quant import fake_quant
+    from ptq4dm.passes import PassContext, PassManager
 
     step = _step(tiny_unet, steps=10, kind="ddim")
     r = ptq4dm.quantize(step, calibration=NDTC(n=40, batch_size=40), progress=False,
                         policy=QuantPolicy(timestep_groups=groups, share_xt_range=True))
+    if lowered:
+        PassManager.from_pipeline("lower").run(r.graph, PassContext(progress=False))
     ties = r.graph.meta["shared_ranges"]
     assert len(ties) == 1   # conv_in reads x_t
     (dst, src), = ties.items()
