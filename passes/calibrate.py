@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -128,6 +129,9 @@ class CalibrationSet:
     def batches(self, size: int):
         for i in range(0, self.x.shape[0], size):
             yield self.x[i:i + size], self.t[i:i + size]
+
+
+MIN_SAMPLES_PER_GROUP = 10   # below this, per-group ranges were measured to lose (docs/results.md)
 
 
 def group_table(sampler, groups: int) -> torch.Tensor:
@@ -263,3 +267,12 @@ class Calibrate:
                 graph.gm(x.to(device), t.to(device), noise.to(device))
         ctx.results["calibration"] = {"n": int(cs.x.shape[0]), "timesteps": cs.t, "config": cs.config,
                                       "observer_bytes": sum(o.nbytes() for o in obs.values())}
+        if table is not None:
+            per_group = torch.bincount(table[cs.t.cpu()], minlength=groups)
+            ctx.results["calibration"]["samples_per_group"] = per_group.tolist()
+            if int(per_group.min()) < MIN_SAMPLES_PER_GROUP:
+                warnings.warn(
+                    f"timestep_groups={groups}: some groups got few calibration samples (min {int(per_group.min())}, "
+                    f"median {int(per_group.median())}; {int((per_group == 0).sum())} empty groups fall back to the "
+                    f"all-t range). Per-group ranges fitted to a handful of images generalize badly; use about "
+                    f"{MIN_SAMPLES_PER_GROUP * groups} calibration samples or fewer groups.", stacklevel=2)

@@ -122,8 +122,11 @@ def test_per_timestep_scales_are_gathered_by_t(tiny_unet):
     """timestep_groups = S: every sampler step gets its own activation / output range, and the
     graph picks each sample's range from its own t (samples in one batch may differ)."""
     step = _step(tiny_unet, steps=10)
-    r = ptq4dm.quantize(step, calibration=NDTC(n=40, batch_size=40), progress=False,
-                        policy=QuantPolicy(timestep_groups=10))
+    with pytest.warns(UserWarning, match="few calibration samples"):   # 40 samples over 10 steps: said so
+        r = ptq4dm.quantize(step, calibration=NDTC(n=40, batch_size=40), progress=False,
+                            policy=QuantPolicy(timestep_groups=10))
+    per_group = r.report.calibration["samples_per_group"]
+    assert len(per_group) == 10 and sum(per_group) == 40 and min(per_group) < 10
     tables = [b for name, b in r.graph.gm.named_buffers() if name.startswith("ptq4dm_qp_") and name.endswith("_scale")]
     assert tables and all(tb.shape == (10,) for tb in tables)
     out_scale = next(b for name, b in r.graph.gm.named_buffers()
