@@ -282,3 +282,26 @@ def test_inductor_fuses_groupnorm_silu_quantize_into_one_kernel():
     bufs = re.findall(r"empty_strided_cpu\(\(([\d, ]+)\), \([\d, ]+\), torch\.(\w+)\)", src)
     full = [dtype for shape, dtype in bufs if math.prod(int(d) for d in shape.split(",") if d.strip()) == x.numel()]
     assert full == ["int8"], bufs
+
+
+@needs_interpreter
+def test_kernels_write_bf16_output():
+    """out_dtype=bfloat16 (a bf16 graph around the int8 ops): the epilogue runs in float32 and
+    converts once to bf16, so the result is within one bf16 step (2**-7 relative) of the
+    reference's float32 value. (On a GPU the conversion rounds to nearest; Triton's CPU
+    interpreter truncates, even when asked for round-to-nearest, hence one step, not half.)"""
+    g = torch.Generator().manual_seed(3)
+    xq, wq = _codes((2, 5, 6, 6), g).contiguous(memory_format=torch.channels_last), _codes((7, 5, 3, 3), g, -127)
+    zp, sx = torch.tensor(4, dtype=torch.int32), torch.tensor(0.03)
+    sw, bias = torch.rand(7, generator=g) * 0.01, torch.randn(7, generator=g)
+    r = torch.randn(2, 7, 6, 6, generator=g).to(torch.bfloat16)
+    wp = R.pack_conv_weight(wq).T.contiguous()
+    got = triton_kernels.int8_conv2d(xq, zp, sx, wp, wp.int().sum(0), sw, bias, 3, 3, 1, 1, residual=r,
+                                     out_dtype=torch.bfloat16, block_k=8)
+    want = R.conv2d_q(xq, sx, zp, wp, wp.int().sum(0), sw, bias, r, 3, 3, 1, 1)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-6)
+    x2, w2 = _codes((9, 20), g), _codes((6, 20), g, -127)
+    got = triton_kernels.int8_gemm(x2, zp, sx, w2.T.contiguous(), w2.int().sum(1), sw[:6], bias[:6], out_dtype=torch.bfloat16)
+    want = R.linear_q(x2, sx, zp, w2.T.contiguous(), w2.int().sum(1), sw[:6], bias[:6])
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-6)
