@@ -30,8 +30,9 @@ def parse_args(argv):
                         "a .safetensors file or a diffusers UNet folder")
     m.add_argument("--arch", default=None, help="architecture for a .safetensors file without a .json card")
     s = p.add_argument_group("sampler")
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    s.add_argument("--steps", type=int, default=50, help="sampling steps (respaced from T = 1000)")
+    s.add_argument("--sampler", default=None, choices=["ddim", "ddpm"],
+                   help="default: ddim (--demo: ddpm, the sampler docs/results.md measures)")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (respaced from T = 1000); default 50 (--demo: 100)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     s.add_argument("--variance", default="fixed_small", choices=["fixed_small", "fixed_large", "learned_range"])
     c = p.add_argument_group("calibration")
@@ -78,6 +79,10 @@ def check_writable(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
+    if args.sampler is None:
+        args.sampler = "ddpm" if args.demo else "ddim"
+    if args.steps is None:
+        args.steps = 100 if args.demo else 50
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     for f in ("weight_bits", "act_bits", "attn_bits", "output_bits"):
