@@ -25,16 +25,16 @@ except ImportError:  # triton is an optional (test / GPU) dependency
 if HAVE_TRITON:
 
     @triton.jit
+    def _row_qparams(scale_ptr, zp_ptr, offs_m, mask_m, rows_per_sample, PER_SAMPLE: tl.constexpr):
+        """(scale, zero point) of every row: one per sample (row // rows_per_sample) or one for all."""
+        idx = offs_m // rows_per_sample if PER_SAMPLE else offs_m * 0
+        return (tl.load(scale_ptr + idx, mask=mask_m, other=1.0), tl.load(zp_ptr + idx, mask=mask_m, other=0))
+
+    @triton.jit
     def _epilogue(acc, offs_m, offs_n, M, N, rows_per_sample, x_zp_ptr, x_scale_ptr, w_sum_ptr, w_scale_ptr,
                   bias_ptr, res_ptrs, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
         mask_m, mask_n = offs_m < M, offs_n < N
-        if PER_SAMPLE:
-            sample = offs_m // rows_per_sample
-            zp = tl.load(x_zp_ptr + sample, mask=mask_m, other=0)
-            sx = tl.load(x_scale_ptr + sample, mask=mask_m, other=0.0)
-        else:
-            zp = tl.load(x_zp_ptr + offs_m * 0, mask=mask_m, other=0)
-            sx = tl.load(x_scale_ptr + offs_m * 0, mask=mask_m, other=0.0)
+        sx, zp = _row_qparams(x_scale_ptr, x_zp_ptr, offs_m, mask_m, rows_per_sample, PER_SAMPLE)
         wsum = tl.load(w_sum_ptr + offs_n, mask=mask_n, other=0)
         acc = acc - zp[:, None] * wsum[None, :]
         sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -51,13 +51,7 @@ if HAVE_TRITON:
         round half to even like torch.round. The rounding adds and subtracts 1.5 * 2**23 (exact
         for |v| < 2**22; the clamp before it keeps v there and keeps the compiler from fusing the
         multiply into the add, which would round differently from the reference)."""
-        if OUT_PER_SAMPLE:
-            sample = offs_m // rows_per_sample
-            s = tl.load(o_scale_ptr + sample, mask=mask_m, other=1.0)
-            z = tl.load(o_zp_ptr + sample, mask=mask_m, other=0)
-        else:
-            s = tl.load(o_scale_ptr + offs_m * 0, mask=mask_m, other=1.0)
-            z = tl.load(o_zp_ptr + offs_m * 0, mask=mask_m, other=0)
+        s, z = _row_qparams(o_scale_ptr, o_zp_ptr, offs_m, mask_m, rows_per_sample, OUT_PER_SAMPLE)
         v = out * (1.0 / s)[:, None]
         v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
         v = (v + 12582912.0) - 12582912.0
