@@ -24,6 +24,8 @@ from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantiza
 
 ANNOTATION_KEY = "quantization_annotation"
 ROLES = ("weight", "act", "attn", "mean", "variance", "prev_sample")
+# the roles whose range may follow the timestep (QuantPolicy.timestep_groups / grouped_roles)
+GROUPABLE_ROLES = ROLES[1:]
 
 
 class _SpecObserverCtr:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ptq4dm.ir.annotations import annotate_input, annotate_output, get_annotation, make_spec
+from ptq4dm.ir.annotations import GROUPABLE_ROLES, annotate_input, annotate_output, get_annotation, make_spec
 from ptq4dm.ir.graph import OUTPUT, StepGraph
 
 from .base import PassContext, register_pass
@@ -45,6 +45,7 @@ class QuantPolicy:
     split_cat: bool = False                  # one quantizer per part of a skip `cat` feeding a conv
     skip: tuple[str, ...] = ()               # node names or module-path prefixes kept in float
     timestep_groups: int = 1                 # >1: activation / output scales per group of sampler steps
+    grouped_roles: tuple[str, ...] | None = None  # roles timestep_groups applies to (None: every non-weight role)
     share_xt_range: bool = False             # convs reading x_t take the range x_{t-1} was quantized to
 
     def __post_init__(self):
@@ -55,9 +56,21 @@ class QuantPolicy:
 
         if self.timestep_groups < 1:
             raise ValueError(f"QuantPolicy.timestep_groups must be >= 1, got {self.timestep_groups}")
+        if self.grouped_roles is not None:
+            bad = [r for r in self.grouped_roles if r not in GROUPABLE_ROLES]
+            if bad:
+                raise ValueError(f"QuantPolicy.grouped_roles names {bad}; choose from {GROUPABLE_ROLES} "
+                                 f"(weights do not change with t)")
+
+    def roles_grouped(self) -> tuple[str, ...]:
+        """The roles whose ranges are per timestep group (empty when timestep_groups is 1)."""
+        if self.timestep_groups == 1:
+            return ()
+        return GROUPABLE_ROLES if self.grouped_roles is None else tuple(self.grouped_roles)
 
     def describe(self) -> str:
-        tg = f", {self.timestep_groups} timestep groups" if self.timestep_groups > 1 else ""
+        roles = "" if self.grouped_roles is None else f" ({'/'.join(self.grouped_roles)})"
+        tg = f", {self.timestep_groups} timestep groups{roles}" if self.timestep_groups > 1 else ""
         return f"W{self.weight_bits}A{self.act_bits}{tg}"
 
 
@@ -148,5 +161,6 @@ class Mark:
                 done.add(node)
                 counts["output"] += 1
         graph.meta["timestep_groups"] = pol.timestep_groups
+        graph.meta["grouped_roles"] = pol.roles_grouped()
         graph.meta["shared_ranges"] = self._xt_ties(graph) if (pol.share_xt_range and pol.quantize_outputs) else {}
         ctx.results["mark"] = {"counts": counts, "left_in_float": fp, "policy": pol}

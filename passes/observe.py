@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ptq4dm.ir.annotations import TensorSpec, get_annotation
+from ptq4dm.ir.annotations import GROUPABLE_ROLES, TensorSpec, get_annotation
 from ptq4dm.ir.graph import ROLE, StepGraph
 
 from .base import PassContext, register_pass
@@ -161,6 +161,8 @@ class Observe:
             consumer = nodes[qt.consumer]
             target = f"ptq4dm_obs_{count}"
             groups = int(graph.meta.get("timestep_groups", 1))
+            if qt.spec.role not in graph.meta.get("grouped_roles", GROUPABLE_ROLES):
+                groups = 1
             obs_mod = (GroupedObserver(qt.key, groups, self.capacity, self.seed + count) if groups > 1
                        else ReservoirObserver(qt.key, self.capacity, self.seed + count))
             gm.add_submodule(target, obs_mod)

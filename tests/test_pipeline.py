@@ -145,6 +145,28 @@ def test_per_timestep_scales_are_gathered_by_t(tiny_unet):
         QuantPolicy(timestep_groups=0)
 
 
+def test_grouped_roles_give_per_step_ranges_to_the_outputs_only(tiny_unet):
+    """QuantPolicy(grouped_roles=outputs): mean / variance / x_{t-1} get one range per sampler
+    step while the UNet's activations keep one range for all t. The fixed-small variance is a
+    function of t alone, so a per-step range represents it (almost) exactly, where one range
+    for all t cannot."""
+    step = _step(tiny_unet, steps=10)
+    outs = ("mean", "variance", "prev_sample")
+    cal = NDTC(n=120, batch_size=60)
+    per_step = ptq4dm.quantize(step, calibration=cal, progress=False,
+                               policy=QuantPolicy(timestep_groups=10, grouped_roles=outs))
+    one = ptq4dm.quantize(step, calibration=cal, progress=False)
+    qps = per_step.graph.meta["qparams"]
+    for tr in per_step.report.tensors:
+        assert qps[tr.key].groups == (10 if tr.role in outs else 0), tr
+    var = {r.role: r for r in per_step.report.tensors}["variance"]
+    var_one = {r.role: r for r in one.report.tensors}["variance"]
+    assert var.error < 1e-3 * var_one.error
+    assert "(mean/variance/prev_sample)" in per_step.report.policy
+    with pytest.raises(ValueError, match="grouped_roles"):
+        QuantPolicy(timestep_groups=10, grouped_roles=("weight",))
+
+
 @pytest.mark.parametrize("groups,lowered", [(1, False), (10, False), (10, True)])
 def test_share_xt_range_makes_the_next_steps_input_quantizer_exact(tiny_unet, groups, lowered):
     """QuantPolicy(share_xt_range): the convs reading x_t take the range the previous step
