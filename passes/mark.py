@@ -25,6 +25,7 @@ aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default, aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+OUTPUT_ROLES = ("mean", "variance", "prev_sample")
 # Ops with weights or GEMMs that this pass does not know how to quantize: reported, kept FP.
 KNOWN_UNSUPPORTED = {aten.conv_transpose2d.input, aten.scaled_dot_product_attention.default,
                      aten.baddbmm.default, aten.addmm.default, aten.mm.default, aten.conv1d.default}
@@ -41,6 +42,7 @@ class QuantPolicy:
     act_symmetric: bool = False
     quantize_attention: bool = True
     quantize_outputs: bool = True            # mean, variance, prev_sample (the paper's setting)
+    output_roles: tuple[str, ...] = OUTPUT_ROLES  # which of the sampler's outputs quantize_outputs covers
     keep_first_last_fp: bool = False         # conv_in / conv_out in float
     split_cat: bool = False                  # one quantizer per part of a skip `cat` feeding a conv
     skip: tuple[str, ...] = ()               # node names or module-path prefixes kept in float
@@ -54,6 +56,10 @@ class QuantPolicy:
             if not 2 <= b <= 16:
                 raise ValueError(f"QuantPolicy.{f} must be in [2, 16], got {b}")
 
+        bad = [r for r in self.output_roles if r not in OUTPUT_ROLES]
+        if bad or not self.output_roles:
+            raise ValueError(f"QuantPolicy.output_roles must be a non-empty subset of {OUTPUT_ROLES}, got "
+                             f"{self.output_roles}; to keep every output in float use quantize_outputs=False")
         if self.timestep_groups < 1:
             raise ValueError(f"QuantPolicy.timestep_groups must be >= 1, got {self.timestep_groups}")
         if self.grouped_roles is not None:
@@ -69,9 +75,11 @@ class QuantPolicy:
         return GROUPABLE_ROLES if self.grouped_roles is None else tuple(self.grouped_roles)
 
     def describe(self) -> str:
+        outs = "" if (not self.quantize_outputs or self.output_roles == OUTPUT_ROLES) else \
+            f", outputs quantized: {'/'.join(self.output_roles)}"
         roles = "" if self.grouped_roles is None else f" ({'/'.join(self.grouped_roles)})"
         tg = f", {self.timestep_groups} timestep groups{roles}" if self.timestep_groups > 1 else ""
-        return f"W{self.weight_bits}A{self.act_bits}{tg}"
+        return f"W{self.weight_bits}A{self.act_bits}{tg}{outs}"
 
 
 @register_pass
@@ -154,7 +162,7 @@ class Mark:
         if pol.quantize_outputs:
             done = set()
             for role, node in graph.named_outputs().items():
-                if node in done or node.op == "placeholder":
+                if node in done or node.op == "placeholder" or role not in pol.output_roles:
                     continue
                 annotate_output(node, make_spec(role if role != "prev_sample" else "prev_sample",
                                                 pol.output_bits, False))

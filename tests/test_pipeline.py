@@ -167,6 +167,33 @@ def test_grouped_roles_give_per_step_ranges_to_the_outputs_only(tiny_unet):
         QuantPolicy(timestep_groups=10, grouped_roles=("weight",))
 
 
+def test_output_roles_keep_mean_and_variance_in_float(tiny_unet):
+    """QuantPolicy(output_roles=("prev_sample",)): only x_{t-1} is rounded to 8 bits; the
+    sampler's mean and variance come out exactly as the step with the same quantized UNet
+    computes them in float (the variance, a function of t alone, equals the FP step's)."""
+    step = _step(tiny_unet)
+    cal = NDTC(n=16)
+    r = ptq4dm.quantize(step, calibration=cal, progress=False, policy=QuantPolicy(output_roles=("prev_sample",)))
+    full = ptq4dm.quantize(step, calibration=cal, progress=False)
+    assert r.report.counts["output"] == 1 and full.report.counts["output"] == 3
+    assert {tr.role for tr in r.report.tensors} & {"mean", "variance"} == set()
+    assert "prev_sample" in {tr.role for tr in r.report.tensors}
+    assert "outputs quantized: prev_sample" in r.report.policy
+    x, t, n = _inputs()
+    with torch.no_grad():
+        fp, y, yf = step(x, t, n), r.graph(x, t, n), full.graph(x, t, n)
+    assert torch.equal(y.variance, fp.variance)
+    assert not torch.equal(yf.variance, fp.variance)   # the full policy does round it
+    # x_{t-1} is on the 8-bit grid of its range, the mean is not
+    qp = r.graph.meta["qparams"][next(tr.key for tr in r.report.tensors if tr.role == "prev_sample")]
+    codes = y.prev_sample / qp.scale + qp.zero_point
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    mcodes = y.mean / qp.scale + qp.zero_point
+    assert not torch.allclose(mcodes, mcodes.round(), atol=1e-3)
+    with pytest.raises(ValueError, match="output_roles"):
+        QuantPolicy(output_roles=("eps",))
+
+
 @pytest.mark.parametrize("groups,lowered", [(1, False), (10, False), (10, True)])
 def test_share_xt_range_makes_the_next_steps_input_quantizer_exact(tiny_unet, groups, lowered):
     """QuantPolicy(share_xt_range): the convs reading x_t take the range the previous step

@@ -36,6 +36,7 @@ class Config:
     weight_bits: int = 8
     act_bits: int = 8
     quantize_outputs: bool = True
+    output_roles: tuple[str, ...] = ("mean", "variance", "prev_sample")   # QuantPolicy.output_roles
     per_step: bool = False          # one activation / output range per sampler step (ours)
     keep_first_last: bool = False   # conv_in / conv_out in float
     share_xt: bool = False          # conv_in reads x_t with x_{t-1}'s range (QuantPolicy.share_xt_range)
@@ -51,6 +52,7 @@ CONFIGS = [
     Config("uniform-w8a8", "W8A8 uniform-t calibration + MSE", calibration="uniform"),
     Config("single-w8a8", "W8A8 single-t calibration + MSE", calibration="single"),
     Config("random-w8a8", "W8A8 random N(0,I) calibration + MSE", calibration="random"),
+    Config("ptq4dm-w8a8-xt-only", "W8A8 PTQ4DM, x_{t-1} 8-bit, mean/variance in FP", output_roles=("prev_sample",)),
     Config("ptq4dm-w8a8-fp-outputs", "W8A8 PTQ4DM, mean/variance/x_{t-1} in FP", quantize_outputs=False),
     Config("ptq4dm-w8a8-fp-outputs-fl", "W8A8 PTQ4DM, outputs + conv_in/out FP", quantize_outputs=False,
            keep_first_last=True),
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             qinfo = {}
         else:
             pol = QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, quantize_outputs=cfg.quantize_outputs,
+                              output_roles=cfg.output_roles,
                               timestep_groups=args.steps if cfg.per_step else 1, keep_first_last_fp=cfg.keep_first_last,
                               share_xt_range=cfg.share_xt)
             res = ptq4dm.quantize(step, calibration=calib_kinds[cfg.calibration],
