@@ -74,9 +74,13 @@ def test_evaluate_small_run(tmp_path, inception_file):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "q.json").read_text())
     assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8"] and data["meta"]["complete"]
+    from ptq4dm.models.loading import default_model_card
+    assert data["meta"]["model"]["weights"] == "models/weights/mnist-small-ddpm.safetensors"
+    assert data["meta"]["model"]["train_steps"] == default_model_card()["steps"]  # the table names its checkpoint
     assert data["rows"][1]["psnr_vs_fp"] > 10  # same seeds: the W8A8 samples resemble the FP ones
     assert all(row["inception_fid"] >= 0 and row["inception_is"] >= 1 for row in data["rows"])
     text = md.read_text()
     assert "W8A8 PTQ4DM (NDTC + MSE)" in text and "kept text" in text and "old" not in text
     assert "Command: `python tools/evaluate.py --n 6" in text and "Inception FID" in text
+    assert f"Model `models/weights/mnist-small-ddpm.safetensors` ({default_model_card()['steps']:,} training steps" in text
     assert (tmp_path / "g.png").stat().st_size > 100

@@ -61,6 +61,24 @@ CONFIGS = [
 ]
 
 
+def model_identity(weights: str | None) -> dict:
+    """Which checkpoint a table measured: path, sha256 prefix, training steps from its card."""
+    import hashlib
+
+    from ptq4dm.models.loading import DEFAULT_MODEL
+
+    path = Path(weights) if weights is not None else DEFAULT_MODEL
+    f = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+    card_file = f.with_suffix(".json")
+    card = json.loads(card_file.read_text()) if card_file.exists() else {}
+    try:
+        shown = str(path.resolve().relative_to(REPO))
+    except ValueError:
+        shown = str(path)
+    return {"weights": shown, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16],
+            "train_steps": card.get("steps")}
+
+
 def grid_png(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 3) -> None:
     """A labelled grid: one row per configuration, images in [-1, 1]."""
     from PIL import Image, ImageDraw
@@ -126,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     unet = (load_default_unet() if args.weights is None else load_unet(None, args.weights)).to(dev)
     sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps).to(dev)
     step = ptq4dm.DiffusionStep(unet, sampler).eval()
+    model = model_identity(args.weights)
     net = load_classifier()
     real, _, _ = load_digits()
     real_stats = classifier_stats(net, real)
@@ -156,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
-                "sampler": sampler.config(), "calib_n": args.calib_n, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final}
+                "sampler": sampler.config(), "calib_n": args.calib_n, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
         atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
+        steps = f"{model['train_steps']:,} training steps, " if model["train_steps"] else ""
         lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
+                 f"Model `{model['weights']}` ({steps}sha256 {model['sha256']}).",
                  f"Sampler {args.sampler} {args.steps} steps; N = {args.n} samples per row from the same seeds; "
                  f"calibration N = {args.calib_n} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
                  f"Command: `{command}`", "",
