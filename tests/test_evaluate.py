@@ -67,7 +67,7 @@ def test_inception_net_from_a_local_torchscript_file(inception_file, tmp_path):
 def test_evaluate_small_run(tmp_path, inception_file):
     md = tmp_path / "results.md"
     md.write_text("# R\n\n<!-- quality-table:begin -->\nold\n<!-- quality-table:end -->\n\nkept text\n")
-    r = subprocess.run([sys.executable, "tools/evaluate.py", "--n", "6", "--batch", "3", "--steps", "3", "--calib-n", "4",
+    r = subprocess.run([sys.executable, "tools/evaluate.py", "--n", "6", "--batch", "3", "--steps", "3", "--calib-n", "4", "--calib-seed", "7",
                         "--configs", "fp,ptq4dm-w8a8", "--out-json", str(tmp_path / "q.json"), "--out-md", str(md),
                         "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file)], cwd=REPO, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"})
@@ -75,6 +75,7 @@ def test_evaluate_small_run(tmp_path, inception_file):
     data = json.loads((tmp_path / "q.json").read_text())
     assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8"] and data["meta"]["complete"]
     from ptq4dm.models.loading import default_model_card
+    assert (data["meta"]["seed"], data["meta"]["calib_seed"]) == (0, 7)  # calibration drawn apart from the samples
     assert data["meta"]["model"]["weights"] == "models/weights/mnist-small-ddpm.safetensors"
     assert data["meta"]["model"]["train_steps"] == default_model_card()["steps"]  # the table names its checkpoint
     assert data["rows"][1]["psnr_vs_fp"] > 10  # same seeds: the W8A8 samples resemble the FP ones

@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-n", type=int, default=256, help="calibration samples (paper: 1024)")
     p.add_argument("--mu", type=float, default=0.4)
     p.add_argument("--sigma", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seeds: batch i uses seed + i")
+    p.add_argument("--calib-seed", type=int, default=None,
+                   help="seed of the calibration draw (default: --seed); vary it alone to separate calibration "
+                        "noise from sample-set noise")
     p.add_argument("--configs", default="all", help="comma-separated names, or all: " + ",".join(c.name for c in CONFIGS))
     p.add_argument("--weights", default=None, help="a .safetensors UNet with a .json card (default: the shipped model)")
     p.add_argument("--threads", type=int, default=0)
@@ -166,22 +169,23 @@ def main(argv: list[str] | None = None) -> int:
             outs.append(ptq4dm.sample(fn, sampler, (nb, *shape), seed=args.seed + b, device=dev).float().cpu())
         return torch.cat(outs)
 
-    calib_kinds = {"ndtc": NDTC(mu=args.mu, sigma=args.sigma, n=args.calib_n, seed=args.seed),
-                   "uniform": Uniform(n=args.calib_n, seed=args.seed), "single": Single(n=args.calib_n, seed=args.seed),
-                   "random": RandomNoise(n=args.calib_n, seed=args.seed)}
+    cs = args.seed if args.calib_seed is None else args.calib_seed
+    calib_kinds = {"ndtc": NDTC(mu=args.mu, sigma=args.sigma, n=args.calib_n, seed=cs),
+                   "uniform": Uniform(n=args.calib_n, seed=cs), "single": Single(n=args.calib_n, seed=cs),
+                   "random": RandomNoise(n=args.calib_n, seed=cs)}
     cache = REPO / ".cache" / "calibration"
     def write_outputs(rows, final: bool) -> str:
         fp_fid = rows[0]["fid"]
         command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
-                "sampler": sampler.config(), "calib_n": args.calib_n, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
+                "sampler": sampler.config(), "calib_n": args.calib_n, "seed": args.seed, "calib_seed": cs, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
         atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
         steps = f"{model['train_steps']:,} training steps, " if model["train_steps"] else ""
         lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
                  f"Model `{model['weights']}` ({steps}sha256 {model['sha256']}).",
                  f"Sampler {args.sampler} {args.steps} steps; N = {args.n} samples per row from the same seeds; "
-                 f"calibration N = {args.calib_n} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
+                 f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
                  f"Command: `{command}`", "",
                  "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) |",
                  "|---|---|---|---|---|---|---|"]
