@@ -74,10 +74,12 @@ def test_evaluate_small_run(tmp_path, inception_file):
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "q.json").read_text())
     assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8"] and data["meta"]["complete"]
+    import ptq4dm
     from ptq4dm.models.loading import default_model_card
     assert (data["meta"]["seed"], data["meta"]["calib_seed"]) == (0, 7)  # calibration drawn apart from the samples
     assert data["meta"]["model"]["weights"] == "models/weights/mnist-small-ddpm.safetensors"
     assert data["meta"]["model"]["train_steps"] == default_model_card()["steps"]  # the table names its checkpoint
+    assert data["meta"]["model"]["weights_sha256"] == ptq4dm.weights_hash(ptq4dm.load_default_unet())[:16]
     assert data["rows"][1]["psnr_vs_fp"] > 10  # same seeds: the W8A8 samples resemble the FP ones
     assert all(row["inception_fid"] >= 0 and row["inception_is"] >= 1 for row in data["rows"])
     text = md.read_text()

@@ -61,22 +61,20 @@ CONFIGS = [
 ]
 
 
-def model_identity(weights: str | None) -> dict:
-    """Which checkpoint a table measured: path, sha256 prefix, training steps from its card."""
-    import hashlib
-
+def model_identity(weights: str | None, unet: torch.nn.Module) -> dict:
+    """Which checkpoint a table measured: path, training steps from its card, and the weights hash
+    (``ptq4dm.weights_hash``, the ``fp_weights_sha256`` a quantized artifact of it records)."""
+    import ptq4dm
     from ptq4dm.models.loading import DEFAULT_MODEL
 
     path = Path(weights) if weights is not None else DEFAULT_MODEL
-    f = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
-    card_file = f.with_suffix(".json")
+    card_file = (path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path).with_suffix(".json")
     card = json.loads(card_file.read_text()) if card_file.exists() else {}
     try:
         shown = str(path.resolve().relative_to(REPO))
     except ValueError:
         shown = str(path)
-    return {"weights": shown, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16],
-            "train_steps": card.get("steps")}
+    return {"weights": shown, "weights_sha256": ptq4dm.weights_hash(unet)[:16], "train_steps": card.get("steps")}
 
 
 def grid_png(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 3) -> None:
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     unet = (load_default_unet() if args.weights is None else load_unet(None, args.weights)).to(dev)
     sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps).to(dev)
     step = ptq4dm.DiffusionStep(unet, sampler).eval()
-    model = model_identity(args.weights)
+    model = model_identity(args.weights, unet)
     net = load_classifier()
     real, _, _ = load_digits()
     real_stats = classifier_stats(net, real)
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
         steps = f"{model['train_steps']:,} training steps, " if model["train_steps"] else ""
         lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
-                 f"Model `{model['weights']}` ({steps}sha256 {model['sha256']}).",
+                 f"Model `{model['weights']}` ({steps}weights sha256 {model['weights_sha256']}).",
                  f"Sampler {args.sampler} {args.steps} steps; N = {args.n} samples per row from the same seeds; "
                  f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
                  f"Command: `{command}`", "",
