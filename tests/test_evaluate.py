@@ -86,4 +86,16 @@ def test_evaluate_small_run(tmp_path, inception_file):
     assert "W8A8 PTQ4DM (NDTC + MSE)" in text and "kept text" in text and "old" not in text
     assert "Command: `python tools/evaluate.py --n 6" in text and "Inception FID" in text
     assert f"Model `models/weights/mnist-small-ddpm.safetensors` ({default_model_card()['steps']:,} training steps" in text
+    assert "Sampler ddim 3 steps (eta 0.0)" in text and data["meta"]["sampler"]["eta"] == 0.0
     assert (tmp_path / "g.png").stat().st_size > 100
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "ddpm", "--eta", "0.5"], "--eta is a DDIM option"),
+    (["--sampler", "ddim", "--variance", "fixed_large"], "--variance is a DDPM option"),
+])
+def test_evaluate_refuses_sampler_options_of_the_other_sampler(tmp_path, args, message):
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, "tools/evaluate.py", *args, "--out-json", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and not out.exists()

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta, --sampler ddim only (default 0)")
+    p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large"],
+                   help="DDPM variance, --sampler ddpm only (default fixed_small)")
     p.add_argument("--calib-n", type=int, default=256, help="calibration samples (paper: 1024)")
     p.add_argument("--mu", type=float, default=0.4)
     p.add_argument("--sigma", type=float, default=0.5)
@@ -121,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n < 2:
         p.error("--n must be >= 2 (FID needs a covariance)")
+    if args.sampler == "ddpm" and args.eta is not None:
+        p.error("--eta is a DDIM option; with --sampler ddpm choose --variance, or use --sampler ddim")
+    if args.sampler == "ddim" and args.variance is not None:
+        p.error("--variance is a DDPM option; with --sampler ddim choose --eta, or use --sampler ddpm")
+    args.eta = 0.0 if args.eta is None else args.eta
+    args.variance = args.variance or "fixed_small"
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [c.name for c in CONFIGS] if args.configs == "all" else args.configs.split(",")
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = torch.device(args.device)
     unet = (load_default_unet() if args.weights is None else load_unet(None, args.weights)).to(dev)
-    sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps).to(dev)
+    skw = {"eta": args.eta} if args.sampler == "ddim" else {"variance_type": args.variance}
+    sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps, **skw).to(dev)
     step = ptq4dm.DiffusionStep(unet, sampler).eval()
     model = model_identity(args.weights, unet)
     net = load_classifier()
@@ -180,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 "sampler": sampler.config(), "calib_n": args.calib_n, "seed": args.seed, "calib_seed": cs, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
         atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
         steps = f"{model['train_steps']:,} training steps, " if model["train_steps"] else ""
+        sampler_opt = f"eta {args.eta}" if args.sampler == "ddim" else f"{args.variance} variance"
         lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
                  f"Model `{model['weights']}` ({steps}weights sha256 {model['weights_sha256']}).",
-                 f"Sampler {args.sampler} {args.steps} steps; N = {args.n} samples per row from the same seeds; "
+                 f"Sampler {args.sampler} {args.steps} steps ({sampler_opt}); N = {args.n} samples per row from the same seeds; "
                  f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
                  f"Command: `{command}`", "",
                  "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) |",
