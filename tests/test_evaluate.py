@@ -81,10 +81,11 @@ def test_evaluate_small_run(tmp_path, inception_file):
     assert data["meta"]["model"]["train_steps"] == default_model_card()["steps"]  # the table names its checkpoint
     assert data["meta"]["model"]["weights_sha256"] == ptq4dm.weights_hash(ptq4dm.load_default_unet())[:16]
     assert data["rows"][1]["psnr_vs_fp"] > 10  # same seeds: the W8A8 samples resemble the FP ones
+    assert data["rows"][0]["label_changed_vs_fp"] is None and 0 <= data["rows"][1]["label_changed_vs_fp"] <= 1
     assert all(row["inception_fid"] >= 0 and row["inception_is"] >= 1 for row in data["rows"])
     text = md.read_text()
     assert "W8A8 PTQ4DM (NDTC + MSE)" in text and "kept text" in text and "old" not in text
-    assert "Command: `python tools/evaluate.py --n 6" in text and "Inception FID" in text
+    assert "Command: `python tools/evaluate.py --n 6" in text and "Inception FID" in text and "digit differs from FP" in text
     assert f"Model `models/weights/mnist-small-ddpm.safetensors` ({default_model_card()['steps']:,} training steps" in text
     assert "Sampler ddim 3 steps (eta 0.0)" in text and data["meta"]["sampler"]["eta"] == 0.0
     assert (tmp_path / "g.png").stat().st_size > 100
@@ -99,3 +100,20 @@ def test_evaluate_refuses_sampler_options_of_the_other_sampler(tmp_path, args, m
     r = subprocess.run([sys.executable, "tools/evaluate.py", *args, "--out-json", str(out)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr and not out.exists()
+
+
+def test_every_evaluate_config_builds_the_policy_its_label_names():
+    sys.path.insert(0, str(REPO / "tools"))
+    from evaluate import CONFIGS, policy_for
+
+    assert len({c.name for c in CONFIGS}) == len(CONFIGS)
+    pols = {c.name: policy_for(c, steps=20) for c in CONFIGS}
+    assert pols["ptq4dm-w8a8"].describe() == "W8A8" and pols["ptq4dm-w8a8"].quantize_attention
+    assert pols["ptq4dm-w8a16"].describe().startswith("W8A16") and pols["ptq4dm-w8a16"].output_bits == 16
+    assert pols["ptq4dm-w16a8"].describe().startswith("W16A8")
+    assert not pols["ptq4dm-w8a8-attn-fp"].quantize_attention
+    assert "mean" not in pols["ptq4dm-w8a8-mean-fp"].output_roles
+    assert "variance" not in pols["ptq4dm-w8a8-variance-fp"].output_roles
+    assert pols["ptq4dm-w8a8-per-step"].timestep_groups == 20 and pols["ptq4dm-w8a8"].timestep_groups == 1
+    assert pols["ptq4dm-w8a8-out-g10"].roles_grouped() == ("mean", "variance", "prev_sample")
+    assert pols["ptq4dm-w8a8-out-g10"].timestep_groups == 10

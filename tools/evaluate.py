@@ -35,11 +35,16 @@ class Config:
     solver: str = "mse"
     weight_bits: int = 8
     act_bits: int = 8
+    attn_bits: int = 8
+    output_bits: int = 8
+    solver_p: float = 2.0           # the MSE solver's exponent (the paper's reference code used 2.4)
+    quantize_attention: bool = True
     quantize_outputs: bool = True
     output_roles: tuple[str, ...] = ("mean", "variance", "prev_sample")   # QuantPolicy.output_roles
     per_step: bool = False          # one activation / output range per sampler step (ours)
     keep_first_last: bool = False   # conv_in / conv_out in float
     share_xt: bool = False          # conv_in reads x_t with x_{t-1}'s range (QuantPolicy.share_xt_range)
+    output_groups: int = 1          # > 1: mean / variance / x_{t-1} ranges per group of sampler steps (ours)
 
 
 CONFIGS = [
@@ -56,9 +61,30 @@ CONFIGS = [
     Config("ptq4dm-w8a8-fp-outputs", "W8A8 PTQ4DM, mean/variance/x_{t-1} in FP", quantize_outputs=False),
     Config("ptq4dm-w8a8-fp-outputs-fl", "W8A8 PTQ4DM, outputs + conv_in/out FP", quantize_outputs=False,
            keep_first_last=True),
+    # ablations: where W8A8 PTQ4DM's distance from FP comes from (docs/results.md, "Where the error comes from")
+    Config("ptq4dm-w8a16", "W8A16 PTQ4DM (weights' share)", act_bits=16, attn_bits=16, output_bits=16),
+    Config("ptq4dm-w16a8", "W16A8 PTQ4DM (activations' share)", weight_bits=16),
+    Config("ptq4dm-w8a8-attn-fp", "W8A8 PTQ4DM, attention matmuls in FP", quantize_attention=False),
+    Config("ptq4dm-w8a8-fl", "W8A8 PTQ4DM, conv_in/out in FP", keep_first_last=True),
+    Config("ptq4dm-w8a8-mean-fp", "W8A8 PTQ4DM, mean in FP", output_roles=("variance", "prev_sample")),
+    Config("ptq4dm-w8a8-variance-fp", "W8A8 PTQ4DM, variance in FP", output_roles=("mean", "prev_sample")),
+    Config("ptq4dm-w8a8-p2.4", "W8A8 PTQ4DM, MSE p = 2.4", solver_p=2.4),
+    Config("ptq4dm-w8a8-out-g10", "W8A8 PTQ4DM + output ranges per 1/10 of the steps", output_groups=10),
     Config("ptq4dm-w4a8", "W4A8 PTQ4DM", weight_bits=4),
     Config("ptq4dm-w4a8-per-step", "W4A8 PTQ4DM + per-step act. ranges", weight_bits=4, per_step=True),
 ]
+
+
+def policy_for(cfg: Config, steps: int):
+    """The QuantPolicy a configuration quantizes with (``steps``: the sampler's, for per-step ranges)."""
+    from ptq4dm.passes import QuantPolicy
+
+    return QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, attn_bits=cfg.attn_bits,
+                       output_bits=cfg.output_bits, quantize_attention=cfg.quantize_attention,
+                       quantize_outputs=cfg.quantize_outputs, output_roles=cfg.output_roles,
+                       timestep_groups=steps if cfg.per_step else cfg.output_groups,
+                       grouped_roles=("mean", "variance", "prev_sample") if cfg.output_groups > 1 else None,
+                       keep_first_last_fp=cfg.keep_first_last, share_xt_range=cfg.share_xt)
 
 
 def model_identity(weights: str | None, unet: torch.nn.Module) -> dict:
@@ -145,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from ptq4dm.models.loading import load_default_unet, load_unet
     from ptq4dm.models.metrics import (InceptionNet, classifier_stats, frechet_distance, inception_score,
                                        inception_score_from_probs, psnr)
-    from ptq4dm.passes import MSE, NDTC, MinMax, QuantPolicy, RandomNoise, Single, Uniform
+    from ptq4dm.passes import MSE, NDTC, MinMax, RandomNoise, Single, Uniform
 
     sys.path.insert(0, str(REPO / "tools"))
     from train import load_digits
@@ -196,16 +222,17 @@ def main(argv: list[str] | None = None) -> int:
                  f"Sampler {args.sampler} {args.steps} steps ({sampler_opt}); N = {args.n} samples per row from the same seeds; "
                  f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
                  f"Command: `{command}`", "",
-                 "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) | digit differs from FP |",
+                 "|---|---|---|---|---|---|---|---|"]
         if inception is not None:
             lines[-2] += " Inception FID | Inception IS |"
             lines[-1] += "---|---|"
         for r in rows:
             ps = "—" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
+            ch = "—" if r.get("label_changed_vs_fp") is None else f"{r['label_changed_vs_fp']:.3f}"
             incep = f" {r['inception_fid']:.3f} | {r['inception_is']:.3f} |" if inception is not None else ""
             lines.append(f"| {r['label']} | {r['fid']:.3f} | {100 * (r['fid'] - fp_fid) / fp_fid:+.1f}% | {r['sfid']:.3f} | "
-                         f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} |" + incep)
+                         f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} | {ch} |" + incep)
         if not final:
             lines.append(f"\n(partial: {len(rows)} of {len(configs)} configurations so far; the run was still going or was stopped)")
         table = "\n".join(lines)
@@ -224,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"inception_fid": frechet_distance(st["feat"], real_inc["feat"]),
                 "inception_is": inception_score_from_probs(st["probs"])}
 
-    rows, samples = [], {}
+    rows, samples, labels = [], {}, {}
     for cfg in configs:
         t0 = time.perf_counter()
         if cfg.name == "fp":
@@ -232,12 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 x = draw(step, cfg.name)
             qinfo = {}
         else:
-            pol = QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, quantize_outputs=cfg.quantize_outputs,
-                              output_roles=cfg.output_roles,
-                              timestep_groups=args.steps if cfg.per_step else 1, keep_first_last_fp=cfg.keep_first_last,
-                              share_xt_range=cfg.share_xt)
+            pol = policy_for(cfg, args.steps)
             res = ptq4dm.quantize(step, calibration=calib_kinds[cfg.calibration],
-                                  solver=MSE() if cfg.solver == "mse" else MinMax(), policy=pol, cache_dir=cache)
+                                  solver=MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p), policy=pol, cache_dir=cache)
             with torch.no_grad():
                 x = draw(res.graph, cfg.name)
             qinfo = {"tensors": len(res.report.tensors), "total_error": res.report.total_error,
@@ -251,13 +275,16 @@ def main(argv: list[str] | None = None) -> int:
                "confident_frac": float((conf >= 0.9).float().mean()),
                "classes": int(pred.unique().numel()),
                "psnr_vs_fp": psnr(x, samples["fp"]) if "fp" in samples else None,
+               "label_changed_vs_fp": float((pred != labels["fp"]).float().mean()) if "fp" in labels else None,
                **({} if inception is None else _inception_cols(inception, x, real_incep)),
                "seconds": time.perf_counter() - t0, **qinfo}
-        samples[cfg.name] = x
+        samples[cfg.name], labels[cfg.name] = x, pred
         rows.append(row)
         print(f"{cfg.name:<26} FID {row['fid']:8.3f}  sFID {row['sfid']:8.3f}  IS {row['is']:6.3f}  "
               f"conf>=0.9 {row['confident_frac']:.3f}  classes {row['classes']}  "
-              f"PSNR {row['psnr_vs_fp'] if row['psnr_vs_fp'] is not None else float('nan'):6.2f}  ({row['seconds']:.0f}s)",
+              f"PSNR {row['psnr_vs_fp'] if row['psnr_vs_fp'] is not None else float('nan'):6.2f}  "
+              f"digit differs {row['label_changed_vs_fp'] if row['label_changed_vs_fp'] is not None else float('nan'):.3f}  "
+              f"({row['seconds']:.0f}s)",
               flush=True)
         write_outputs(rows, final=False)  # a run cut short keeps the rows it finished
 
