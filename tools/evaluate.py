@@ -61,7 +61,7 @@ CONFIGS = [
     Config("ptq4dm-w8a8-fp-outputs", "W8A8 PTQ4DM, mean/variance/x_{t-1} in FP", quantize_outputs=False),
     Config("ptq4dm-w8a8-fp-outputs-fl", "W8A8 PTQ4DM, outputs + conv_in/out FP", quantize_outputs=False,
            keep_first_last=True),
-    # ablations: where W8A8 PTQ4DM's distance from FP comes from (docs/results.md, "Where the error comes from")
+    # ablations: where W8A8 PTQ4DM's distance from FP comes from (docs/results.md, "Where W8A8 PTQ4DM's distance from FP comes from")
     Config("ptq4dm-w8a16", "W8A16 PTQ4DM (weights' share)", act_bits=16, attn_bits=16, output_bits=16),
     Config("ptq4dm-w16a8", "W16A8 PTQ4DM (activations' share)", weight_bits=16),
     Config("ptq4dm-w8a8-attn-fp", "W8A8 PTQ4DM, attention matmuls in FP", quantize_attention=False),
@@ -78,12 +78,13 @@ CONFIGS = [
 def policy_for(cfg: Config, steps: int):
     """The QuantPolicy a configuration quantizes with (``steps``: the sampler's, for per-step ranges)."""
     from ptq4dm.passes import QuantPolicy
+    from ptq4dm.passes.mark import OUTPUT_ROLES
 
     return QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, attn_bits=cfg.attn_bits,
                        output_bits=cfg.output_bits, quantize_attention=cfg.quantize_attention,
                        quantize_outputs=cfg.quantize_outputs, output_roles=cfg.output_roles,
                        timestep_groups=steps if cfg.per_step else cfg.output_groups,
-                       grouped_roles=("mean", "variance", "prev_sample") if cfg.output_groups > 1 else None,
+                       grouped_roles=OUTPUT_ROLES if cfg.output_groups > 1 else None,
                        keep_first_last_fp=cfg.keep_first_last, share_xt_range=cfg.share_xt)
 
 
