@@ -69,7 +69,7 @@ def test_evaluate_small_run(tmp_path, inception_file):
     md.write_text("# R\n\n<!-- quality-table:begin -->\nold\n<!-- quality-table:end -->\n\nkept text\n")
     r = subprocess.run([sys.executable, "tools/evaluate.py", "--n", "6", "--batch", "3", "--steps", "3", "--calib-n", "4", "--calib-seed", "7",
                         "--configs", "fp,ptq4dm-w8a8", "--out-json", str(tmp_path / "q.json"), "--out-md", str(md),
-                        "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                        "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file), "--doubt-grid", str(tmp_path / "d.png")], cwd=REPO, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "q.json").read_text())
@@ -89,6 +89,28 @@ def test_evaluate_small_run(tmp_path, inception_file):
     assert f"Model `models/weights/mnist-small-ddpm.safetensors` ({default_model_card()['steps']:,} training steps" in text
     assert "Sampler ddim 3 steps (eta 0.0)" in text and data["meta"]["sampler"]["eta"] == 0.0
     assert (tmp_path / "g.png").stat().st_size > 100
+    fp = data["rows"][0]
+    assert sum(fp["unconfident_by_predicted_digit"]) == round((1 - fp["confident_frac"]) * 6)
+    assert 0.9 < data["meta"]["real_confident_frac"] <= 1  # the classifier is sure of most real digits
+    assert "Real digits (all 5,000) classified with confidence >= 0.9" in text
+    from PIL import Image
+    with Image.open(tmp_path / "d.png") as im:  # three rows: confident FP, least sure FP, least sure real
+        assert im.size[1] == 3 * (28 * 3 + 12) and im.getextrema()[1] > 0
+
+
+def test_doubt_rows_orders_by_confidence():
+    sys.path.insert(0, str(REPO / "tools"))
+    from evaluate import doubt_rows
+
+    probs = torch.full((5, 10), 0.01)
+    for i, c in enumerate([0.95, 0.3, 0.99, 0.5, 0.2]):
+        probs[i, i] = c
+    real_probs = torch.eye(10)[:3] * 0.5 + 0.05
+    x, real = torch.arange(5.).view(5, 1, 1, 1).expand(5, 1, 2, 2), torch.zeros(3, 1, 2, 2)
+    sure, least, real_least = doubt_rows(x, probs, real, real_probs, k=3)
+    assert sure[1][:, 0, 0, 0].tolist() == [0, 2] and sure[2] == ["0 0.95", "2 0.99"]
+    assert least[1][:, 0, 0, 0].tolist() == [4, 1, 3] and least[2] == ["4 0.20", "1 0.30", "3 0.50"]
+    assert "40.0%" in sure[0] and len(real_least[2]) == 3
 
 
 @pytest.mark.parametrize("args, message", [

@@ -104,22 +104,43 @@ def model_identity(weights: str | None, unet: torch.nn.Module) -> dict:
     return {"weights": shown, "weights_sha256": ptq4dm.weights_hash(unet)[:16], "train_steps": card.get("steps")}
 
 
-def grid_png(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 3) -> None:
-    """A labelled grid: one row per configuration, images in [-1, 1]."""
+def grid_png(rows: list[tuple], path: Path, scale: int = 3) -> None:
+    """A labelled grid: one row per (label, images in [-1, 1][, a caption per image])."""
     from PIL import Image, ImageDraw
 
-    n = rows[0][1].shape[0]
+    n = max(r[1].shape[0] for r in rows)
     h, w = rows[0][1].shape[-2:]
-    label_w = 260
-    img = Image.new("L", (label_w + n * w * scale, len(rows) * h * scale), 0)
+    label_w, cap_h = 260, (12 if any(len(r) > 2 for r in rows) else 0)
+    row_h = h * scale + cap_h
+    img = Image.new("L", (label_w + n * w * scale, len(rows) * row_h), 0)
     draw = ImageDraw.Draw(img)
-    for r, (label, x) in enumerate(rows):
-        draw.text((4, r * h * scale + h * scale // 2 - 5), label, fill=255)
+    for r, (label, x, *caps) in enumerate(rows):
+        draw.text((4, r * row_h + h * scale // 2 - 5), label, fill=255)
         arr = ((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-        for i in range(n):
+        for i in range(x.shape[0]):
             tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
-            img.paste(tile, (label_w + i * w * scale, r * h * scale))
+            img.paste(tile, (label_w + i * w * scale, r * row_h))
+            if caps:
+                draw.text((label_w + i * w * scale + 2, r * row_h + h * scale), caps[0][i], fill=200)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def doubt_rows(x: torch.Tensor, probs: torch.Tensor, real: torch.Tensor, real_probs: torch.Tensor,
+               k: int = 16) -> list[tuple]:
+    """Grid rows showing what 'conf >= 0.9' separates: confident FP samples, the FP samples the
+    classifier is least sure of, and the real digits it is least sure of, each captioned
+    '<predicted digit> <confidence>'."""
+    def pick(imgs, pr, idx):
+        conf, pred = pr[idx].max(1)
+        return imgs[idx], [f"{int(d)} {float(c):.2f}" for d, c in zip(pred, conf)]
+
+    conf, real_conf = probs.max(1).values, real_probs.max(1).values
+    sure = (conf >= 0.9).nonzero().flatten()[:k]
+    least = conf.argsort()[:k]
+    real_least = real_conf.argsort()[:k]
+    return [(f"FP, conf >= 0.9 ({float((conf >= 0.9).float().mean()):.1%}), first", *pick(x, probs, sure)),
+            (f"FP, least sure of {x.shape[0]}", *pick(x, probs, least)),
+            (f"real digits, least sure of {real.shape[0]}", *pick(real, real_probs, real_least))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-json", default=str(REPO / "docs" / "results" / "quality.json"))
     p.add_argument("--out-md", default=str(REPO / "docs" / "results.md"))
     p.add_argument("--grid", default=str(REPO / "docs" / "img" / "samples.png"))
+    p.add_argument("--doubt-grid", default=None, metavar="PNG",
+                   help="also draw the FP samples the classifier is least sure of, beside confident ones and the "
+                        "least sure real digits, each captioned with its predicted digit and confidence")
     args = p.parse_args(argv)
     if args.n < 2:
         p.error("--n must be >= 2 (FID needs a covariance)")
@@ -186,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     net = load_classifier()
     real, _, _ = load_digits()
     real_stats = classifier_stats(net, real)
+    real_probs = real_stats["logits"].softmax(1)
+    real_confident = float((real_probs.max(1).values >= 0.9).float().mean())  # the bar's reference point
     inception = None
     if args.inception:
         try:
@@ -214,14 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
-                "sampler": sampler.config(), "calib_n": args.calib_n, "seed": args.seed, "calib_seed": cs, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
+                "real_confident_frac": real_confident, "sampler": sampler.config(), "calib_n": args.calib_n, "seed": args.seed, "calib_seed": cs, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
         atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
         steps = f"{model['train_steps']:,} training steps, " if model["train_steps"] else ""
         sampler_opt = f"eta {args.eta}" if args.sampler == "ddim" else f"{args.variance} variance"
         lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
                  f"Model `{model['weights']}` ({steps}weights sha256 {model['weights_sha256']}).",
                  f"Sampler {args.sampler} {args.steps} steps ({sampler_opt}); N = {args.n} samples per row from the same seeds; "
-                 f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).", "",
+                 f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).",
+                 f"Real digits (all {real.shape[0]:,}) classified with confidence >= 0.9 by the same classifier: {real_confident:.3f}.", "",
                  f"Command: `{command}`", "",
                  "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) | digit differs from FP |",
                  "|---|---|---|---|---|---|---|---|"]
@@ -279,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                "label_changed_vs_fp": float((pred != labels["fp"]).float().mean()) if "fp" in labels else None,
                **({} if inception is None else _inception_cols(inception, x, real_incep)),
                "seconds": time.perf_counter() - t0, **qinfo}
+        if cfg.name == "fp":
+            row["unconfident_by_predicted_digit"] = torch.bincount(pred[conf < 0.9], minlength=10).tolist()
+            if args.doubt_grid:
+                grid_png(doubt_rows(x, s["logits"].softmax(1), real, real_probs), Path(args.doubt_grid))
         samples[cfg.name], labels[cfg.name] = x, pred
         rows.append(row)
         print(f"{cfg.name:<26} FID {row['fid']:8.3f}  sFID {row['sfid']:8.3f}  IS {row['is']:6.3f}  "
@@ -292,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     table = write_outputs(rows, final=True)
     grid_rows = [(c.label[:38], samples[c.name][:16]) for c in configs]
     grid_png(grid_rows, Path(args.grid))
-    print(f"\nwrote {args.out_json}, {args.out_md}, {args.grid}")
+    print(f"\nwrote {args.out_json}, {args.out_md}, {args.grid}" + (f", {args.doubt_grid}" if args.doubt_grid else ""))
     print(table)
     return 0
 
