@@ -60,3 +60,12 @@ def test_init_from_refuses_weights_without_their_card_or_of_another_arch(train, 
     card.unlink()
     with pytest.raises(SystemExit, match="json card"):
         _run(train, tmp_path, "c", "--steps", "2", "--init-from", str(first))
+
+
+def test_time_steps_measures_without_writing_anything(train, tmp_path, capsys):
+    _run(train, tmp_path, "timed", "--time-steps", "2")
+    out = capsys.readouterr().out
+    assert "tiny:" in out and "s/step at batch 4 on 1 thread(s) (2 steps after 3 warm-up)" in out
+    assert not (tmp_path / "timed").exists() and not (tmp_path / "timed.safetensors").exists()
+    with pytest.raises(SystemExit, match="unknown; known: .*mnist-wide"):
+        train.main(["ddpm", "--arch", "mnist-huge", "--time-steps", "1"])

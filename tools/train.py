@@ -81,15 +81,48 @@ def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: tor
     return int(card["steps"])
 
 
+def time_training_step(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, warmup: int = 3) -> float:
+    """Seconds per training step (forward, backward, AdamW) of ``--arch`` at ``--batch-size`` on
+    ``--threads`` threads, over ``--time-steps`` steps after ``warmup``; nothing is saved."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    x0 = x[torch.randint(0, x.shape[0], (args.batch_size,), generator=gen)]
+    t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+
+    def one() -> None:
+        loss = F.mse_loss(model(x0 + noise, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        one()
+    start = time.perf_counter()
+    for _ in tqdm(range(args.time_steps), desc=f"time {args.arch}", unit="step", leave=False):
+        one()
+    per_step = (time.perf_counter() - start) / args.time_steps
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.arch}: {params:,} parameters, {per_step:.3f} s/step at batch {args.batch_size} on "
+          f"{args.threads} thread(s) ({args.time_steps} steps after {warmup} warm-up); "
+          f"1,000 steps: {per_step * 1000 / 60:.1f} min")
+    return per_step
+
+
 def train_ddpm(args: argparse.Namespace) -> None:
     from ptq4dm.models.schedules import alphas_cumprod, make_betas
     from ptq4dm.models.unets import ARCHITECTURES, build_unet
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    if args.arch not in ARCHITECTURES:
+        raise SystemExit(f"--arch {args.arch!r}: unknown; known: {', '.join(sorted(ARCHITECTURES))}")
     x, _, digest = load_digits()
     config = ARCHITECTURES[args.arch]
     model = build_unet(args.arch)
+    if args.time_steps:
+        time_training_step(model, x, args)
+        return
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     abar = alphas_cumprod(make_betas("linear", 1000)).float()
@@ -177,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--init-from", default=None, metavar="WEIGHTS.safetensors",
                    help="when --workdir holds no state: start from these exported weights (and the step in "
                         "their .json card) with a fresh optimizer")
+    d.add_argument("--time-steps", type=int, default=0, metavar="K",
+                   help="only time K training steps of --arch (after 3 warm-up) and print s/step; writes nothing")
     d.add_argument("--workdir", default=str(REPO / "runs" / "train-ddpm"))
     d.add_argument("--out", default=str(REPO / "models" / "weights" / "mnist-small-ddpm.safetensors"))
     c = sub.add_parser("classifier", help="train the MNIST feature network used for FID / IS")
