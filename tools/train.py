@@ -69,6 +69,8 @@ def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: tor
     """
     from safetensors.torch import load_file
 
+    from ptq4dm.models.loading import load_state_dict_strict
+
     card_path = path.with_suffix(".json")
     if not path.exists() or not card_path.exists():
         raise SystemExit(f"--init-from {path}: needs the .safetensors file and its .json card beside it")
@@ -77,24 +79,38 @@ def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: tor
         raise SystemExit(f"--init-from {path}: the card says arch {card.get('arch')!r} but --arch is {arch!r}; "
                          f"pass --arch {card.get('arch')}")
     weights = load_file(str(path))
-    model.load_state_dict(weights); ema.load_state_dict(weights)
+    load_state_dict_strict(model, weights, str(path)); load_state_dict_strict(ema, weights, str(path))
     return int(card["steps"])
 
 
+def train_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, xt: torch.Tensor,
+               t: torch.Tensor, noise: torch.Tensor, lr: float, ema_decay: float) -> float:
+    """One step: epsilon-prediction MSE, backward, gradient clipping at 1, AdamW at ``lr``, EMA update."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = F.mse_loss(model(xt, t).sample, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - ema_decay)
+    return loss.item()
+
+
 def time_training_step(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace, warmup: int = 3) -> float:
-    """Seconds per training step (forward, backward, AdamW) of ``--arch`` at ``--batch-size`` on
-    ``--threads`` threads, over ``--time-steps`` steps after ``warmup``; nothing is saved."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    """Seconds per training step (``train_step``: forward, backward, clipping, AdamW, EMA) of ``--arch``
+    at ``--batch-size`` on ``--threads`` threads, over ``--time-steps`` steps after ``warmup``; nothing is saved."""
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     x0 = x[torch.randint(0, x.shape[0], (args.batch_size,), generator=gen)]
     t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
 
     def one() -> None:
-        loss = F.mse_loss(model(x0 + noise, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, ema, opt, x0 + noise, t, noise, args.lr, args.ema)
 
     for _ in range(warmup):
         one()
@@ -170,20 +186,9 @@ def train_ddpm(args: argparse.Namespace) -> None:
         noise = torch.randn(x0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = learning_rate(step, args)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = F.mse_loss(model(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        losses.append(train_step(model, ema, opt, xt, t, noise, learning_rate(step, args), decay))
         step += 1
-        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % args.save_every == 0 or step == args.steps:
