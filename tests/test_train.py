@@ -65,7 +65,7 @@ def test_init_from_refuses_weights_without_their_card_or_of_another_arch(train, 
 def test_time_steps_measures_without_writing_anything(train, tmp_path, capsys):
     _run(train, tmp_path, "timed", "--time-steps", "2")
     out = capsys.readouterr().out
-    assert "tiny:" in out and "s/step at batch 4 on 1 thread(s) (2 steps after 3 warm-up)" in out
+    assert "tiny:" in out and "s/step at batch 4 on 1 thread(s), fp32 (2 steps after 3 warm-up)" in out
     assert not (tmp_path / "timed").exists() and not (tmp_path / "timed.safetensors").exists()
     with pytest.raises(SystemExit, match="unknown; known: .*mnist-wide"):
         train.main(["ddpm", "--arch", "mnist-huge", "--time-steps", "1"])
@@ -76,3 +76,15 @@ def test_a_state_of_another_arch_is_refused_not_loaded(train, tmp_path):
     with pytest.raises(SystemExit, match="holds a 'tiny' run, not --arch 'mnist-small'"):
         train.main(["ddpm", "--arch", "mnist-small", "--steps", "2", "--workdir", str(tmp_path / "w"),
                     "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_bf16_autocast_trains_float32_weights_and_says_so_in_the_card(train, tmp_path):
+    first = _run(train, tmp_path, "first", "--steps", "1")
+    mixed = _run(train, tmp_path, "mixed", "--steps", "3", "--autocast", "bf16", "--init-from", str(first))
+    card = json.loads(mixed.with_suffix(".json").read_text())
+    assert card["autocast"] == "bf16" and card["steps"] == 3
+    before, after = load_file(str(first)), load_file(str(mixed))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before), "bf16 steps changed nothing"
+    state = torch.load(tmp_path / "mixed" / "state.pt", weights_only=True)
+    assert all(0.0 < loss < 10.0 for loss in state["losses"].tolist())
