@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 
+from ptq4dm.passes.mark import OUTPUT_ROLES  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Config:
@@ -40,7 +42,7 @@ class Config:
     solver_p: float = 2.0           # the MSE solver's exponent (the paper's reference code used 2.4)
     quantize_attention: bool = True
     quantize_outputs: bool = True
-    output_roles: tuple[str, ...] = ("mean", "variance", "prev_sample")   # QuantPolicy.output_roles
+    output_roles: tuple[str, ...] = OUTPUT_ROLES   # QuantPolicy.output_roles
     per_step: bool = False          # one activation / output range per sampler step (ours)
     keep_first_last: bool = False   # conv_in / conv_out in float
     share_xt: bool = False          # conv_in reads x_t with x_{t-1}'s range (QuantPolicy.share_xt_range)
@@ -78,7 +80,6 @@ CONFIGS = [
 def policy_for(cfg: Config, steps: int):
     """The QuantPolicy a configuration quantizes with (``steps``: the sampler's, for per-step ranges)."""
     from ptq4dm.passes import QuantPolicy
-    from ptq4dm.passes.mark import OUTPUT_ROLES
 
     return QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, attn_bits=cfg.attn_bits,
                        output_bits=cfg.output_bits, quantize_attention=cfg.quantize_attention,
