@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="only time K training steps of --arch (after 3 warm-up) and print s/step; writes nothing")
     d.add_argument("--autocast", choices=sorted(AUTOCAST), default="fp32",
                    help="bf16: mixed-precision forward/backward (weights, AdamW, EMA stay float32); "
-                        "2.3x faster for mnist-wide on a CPU with AMX (see docs/results.md)")
+                        "2.2x faster for mnist-wide on the 2-core AMX CPU here (docs/results.md)")
     d.add_argument("--workdir", default=str(REPO / "runs" / "train-ddpm"))
     d.add_argument("--out", default=None, help="exported weights (default: models/weights/<arch>-ddpm.safetensors)")
     d.set_defaults(warmup_from=0)
