@@ -209,7 +209,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
               f"lr warm-up over {args.warmup} steps)")
     if not autocast_history or not autocast_history[-1].startswith(f"{args.autocast} from"):
         autocast_history.append(f"{args.autocast} from step {step}")
-    modes = {h.split(" ")[0] for h in autocast_history}
+    modes = {h.split(" ")[0] for h in autocast_history}  # "unrecorded" (an older state) counts as another mode
 
     def save_state() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
