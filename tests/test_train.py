@@ -1,11 +1,11 @@
 """tools/train.py: a run stopped and resumed equals a run done in one go; --init-from continues exported weights."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,10 +14,7 @@ pytest.importorskip("mlxtend", reason="needs the data extra (pip install -e '.[d
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("ptq4dm_train_tool", REPO / "tools" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("train")
 
 
 def _run(train, tmp: Path, name: str, *extra: str) -> Path:
