@@ -96,6 +96,24 @@ def default_model_card() -> dict[str, Any]:
     return json.loads(card.read_text())
 
 
+def trained_schedule(weights: str | Path | None = None) -> str:
+    """The noise schedule ``weights`` (default: the shipped model) was trained on, from its .json card.
+
+    The sampler must use the same betas; tools build theirs from this. A card written before
+    ``tools/train.py`` had ``--schedule`` says "linear", as does a diffusers folder (no card).
+    """
+    from .schedules import SCHEDULES
+
+    path = DEFAULT_MODEL if weights is None else Path(weights)
+    card = path.with_suffix(".json")
+    if path.is_dir() or not card.exists():
+        return "linear"
+    schedule = json.loads(card.read_text()).get("schedule", "linear")
+    if schedule not in SCHEDULES:
+        raise WeightsError(f"{card}: schedule {schedule!r} is not one this project samples with ({', '.join(SCHEDULES)})")
+    return schedule
+
+
 def load_default_unet() -> UNet2DModel:
     """The project's trained MNIST DDPM (shipped with the package)."""
     card = default_model_card()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -35,3 +37,20 @@ def test_bad_paths():
         load_unet("tiny", "/nonexistent/model.safetensors")
     with pytest.raises(ValueError, match="unknown architecture"):
         build_unet("ddpm-celeba")
+
+
+def test_the_sampler_schedule_comes_from_the_weights_card(tmp_path):
+    from ptq4dm.models.loading import trained_schedule
+
+    assert trained_schedule() == "linear"  # the shipped model's card
+    weights = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in build_unet("tiny").state_dict().items()}, str(weights))
+    assert trained_schedule(weights) == "linear"  # no card: the DDPM default
+    card = weights.with_suffix(".json")
+    card.write_text(json.dumps({"unet_config": "tiny"}))
+    assert trained_schedule(weights) == "linear"  # a card from before the field
+    card.write_text(json.dumps({"unet_config": "tiny", "schedule": "cosine"}))
+    assert trained_schedule(weights) == "cosine"
+    card.write_text(json.dumps({"unet_config": "tiny", "schedule": "sigmoid"}))
+    with pytest.raises(WeightsError, match="schedule 'sigmoid'"):
+        trained_schedule(weights)

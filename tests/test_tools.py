@@ -149,3 +149,18 @@ def test_cli_quantize_then_sample(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 100
     r = run_tool("tools/sample.py", str(out), "--n", "2", "--lower", "--out", str(tmp_path / "s8.png"))
     assert r.returncode == 0 and "lowered to int8 ops" in r.stdout, r.stderr[-3000:]
+
+
+def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "cos.safetensors"
+    save_file({k: v.contiguous() for k, v in ptq4dm.build_unet("tiny").state_dict().items()}, str(weights))
+    weights.with_suffix(".json").write_text(json.dumps({"unet_config": "tiny", "schedule": "cosine"}))
+    out = tmp_path / "cos.ptq4dm.safetensors"
+    r = run_tool("tools/quantize.py", "--model", str(weights), "--steps", "4", "--n", "8", "--no-progress",
+                 "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, header = load_artifact(out)
+    assert header["sampler"]["schedule"] == "cosine"

