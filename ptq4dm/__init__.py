@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from ptq4dm.api import QuantReport, QuantResult, capture_step, quantize, weights_hash  # noqa: E402
 from ptq4dm.ir.capture import CaptureError, capture  # noqa: E402
 from ptq4dm.ir.graph import StepGraph  # noqa: E402
-from ptq4dm.models.loading import load_default_unet, load_unet  # noqa: E402
+from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule  # noqa: E402
 from ptq4dm.models.samplers import DDIMSampler, DDPMSampler, make_sampler  # noqa: E402
 from ptq4dm.models.step import DiffusionStep, sample, trajectory  # noqa: E402
 from ptq4dm.models.unets import build_unet  # noqa: E402
@@ -17,6 +17,7 @@ from ptq4dm.passes import (MSE, NDTC, MinMax, PassManager, QuantPolicy, RandomNo
                            Uniform)
 
 __all__ = ["__version__", "quantize", "capture", "capture_step", "CaptureError", "StepGraph", "QuantReport",
-           "QuantResult", "weights_hash", "load_unet", "load_default_unet", "build_unet", "make_sampler",
+           "QuantResult", "weights_hash", "load_unet", "load_default_unet", "trained_schedule", "build_unet",
+           "make_sampler",
            "DDPMSampler", "DDIMSampler", "DiffusionStep", "sample", "trajectory", "PassManager", "QuantPolicy",
            "NDTC", "Uniform", "Single", "RandomNoise", "MSE", "MinMax"]

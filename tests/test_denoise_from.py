@@ -28,7 +28,7 @@ def test_denoise_from_zero_is_the_input_and_off_grid_t_is_refused(tool):
     import ptq4dm
     from ptq4dm.models.loading import load_default_unet
 
-    sampler = ptq4dm.make_sampler("ddpm", num_inference_steps=10)
+    sampler = ptq4dm.make_sampler("ddpm", num_inference_steps=10, schedule=ptq4dm.trained_schedule())
     step = ptq4dm.DiffusionStep(load_default_unet(), sampler).eval()
     x0 = torch.rand(2, 1, 28, 28) * 2 - 1
     assert torch.equal(tool.denoise_from(step, sampler, x0, 0, seed=0), x0)
