@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Where along the sampling chain does quantization error enter? Teacher-forced, step by step.
+
+    python tools/step_error.py --n 32 --configs ptq4dm-w8a8,minmax-w8a8 --png step-error.png
+
+The FP step runs the chain from x_T ~ N(0, I) (seed ``--seed``); at every step each quantized
+configuration gets the *same* (x_t, t, noise) and its x_{t-1} is compared with the FP step's.
+Errors therefore do not compound, so each step's number is what quantization adds at that step
+alone; a sampled chain (tools/evaluate.py) shows the compounded effect.
+
+Per step the tool reports ``E ||dx_{t-1}||^2 / (2 sigma_t^2)`` per sample, sigma_t^2 the FP
+step's variance: the KL divergence between the two Gaussian transitions when both share sigma_t
+(it then also counts what rounding the variance does). The sum over steps is a path KL in nats;
+the last step (sigma = 0: x_0 is the mean) is reported apart as the RMS of dx_0 per pixel.
+Configurations are tools/evaluate.py's (``--configs`` takes the same names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, atomic_write, atomic_write_json  # noqa: E402
+
+
+def step_errors(fp_step, q_steps: dict, sampler, x_T: torch.Tensor, generator: torch.Generator,
+                progress: bool = False, variances: dict | None = None) -> dict[str, list[float]]:
+    """Teacher-forced per-step errors of each step function in ``q_steps`` against ``fp_step``.
+
+    Returns ``{name: [e_0, ..., e_{S-1}]}``, step 0 the noisiest: ``e_i`` is the mean over samples
+    of ``||dx_{t-1}||^2 / (2 sigma_t^2)`` where sigma_t > 0, and the per-pixel RMS of dx_0 at the
+    last step (sigma = 0). ``variances``, if given, receives ``{"reference": [...], name: [...]}``
+    (the FP step's, then each config's): the variance each step used (first element of the
+    batch), so rounding of it shows.
+    """
+    out = {name: [] for name in q_steps}
+    ts = sampler.timesteps.tolist()
+    it = enumerate(ts)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=len(ts), desc="steps", unit="step", leave=False)
+    x = x_T
+    with torch.no_grad():
+        for _, t_val in it:
+            t = torch.full((x.shape[0],), t_val, dtype=torch.long, device=x.device)
+            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            ref = fp_step(x, t, noise)
+            prev, var = ref[0], ref[2].reshape(x.shape[0], -1)[:, 0]
+            if variances is not None:
+                variances.setdefault("reference", []).append(float(var[0]))
+            for name, fn in q_steps.items():
+                q = fn(x, t, noise)
+                if variances is not None:
+                    variances.setdefault(name, []).append(float(q[2].reshape(-1)[0]))
+                d2 = (q[0] - prev).double().pow(2).flatten(1).sum(1)
+                if bool((var > 0).all()) and float(var.min()) > 1e-12:
+                    out[name].append(float((d2 / (2 * var.double())).mean()))
+                else:
+                    out[name].append(float((d2 / x[0].numel()).mean().sqrt()))
+            x = prev
+    return out
+
+
+def summarize(errs: list[float], parts: int = 10) -> dict:
+    """Path KL (all steps but the last), its share per ``parts`` consecutive slices of the steps
+    (slice 0 the noisiest), and the last step's RMS."""
+    kl = errs[:-1]
+    n = len(kl)
+    parts = max(1, min(parts, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return {"path_kl": sum(kl), "by_slice": [sum(kl[a:b]) for a, b in zip(bounds, bounds[1:])],
+            "last_step_rms": errs[-1]}
+
+
+def plot_png(curves: dict[str, list[float]], timesteps: list[int], path: Path, title: str) -> None:
+    """Per-step KL on a log axis against the step index (noisiest left), one line per config."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    W, H, L, R, T, B = 900, 420, 70, 20, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    vals = [v for c in curves.values() for v in c[:-1] if v > 0]
+    lo, hi = (math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))) if vals else (-3, 0)
+    hi = max(hi, lo + 1)
+    n = max(len(c) for c in curves.values()) - 1
+
+    def xy(i, v):
+        y = math.log10(max(v, 10 ** lo))
+        return L + (W - L - R) * i / max(n - 1, 1), H - B - (H - T - B) * (y - lo) / (hi - lo)
+
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for e in range(lo, hi + 1):
+        _, y = xy(0, 10 ** e)
+        d.line([L, y, W - R, y], fill=(225, 225, 225))
+        d.text((8, y - 6), f"1e{e}", fill="black")
+    for i in range(0, n, max(1, n // 10)):
+        x, _ = xy(i, 10 ** lo)
+        d.text((x - 8, H - B + 6), f"t={timesteps[i]}", fill="black")
+    d.text((L, 12), title, fill="black")
+    d.text((L, H - 22), "sampler step (noisiest left); per-step KL in nats, teacher-forced (log scale)", fill="black")
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+    for k, (name, c) in enumerate(curves.items()):
+        col = colors[k % len(colors)]
+        d.line([xy(i, v) for i, v in enumerate(c[:-1])], fill=col, width=2)
+        d.text((L + 10, T + 8 + 14 * k), f"-- {name}", fill=col)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluate import CONFIGS, model_identity, policy_for
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=None, help="a .safetensors UNet with a .json card (default: the shipped model)")
+    p.add_argument("--configs", default="ptq4dm-w8a8,minmax-w8a8",
+                   help="comma-separated tools/evaluate.py configurations (not fp)")
+    p.add_argument("--n", type=int, default=32, help="chains (samples) to follow")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--calib-n", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the per-step noise")
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out-json", default=None)
+    p.add_argument("--png", default=None)
+    args = p.parse_args(argv)
+    by_name = {c.name: c for c in CONFIGS}
+    names = [s for s in args.configs.split(",") if s]
+    bad = [s for s in names if s not in by_name or s == "fp"]
+    if bad or not names:
+        p.error(f"--configs: unknown or FP configurations {bad}; choose from {[c.name for c in CONFIGS if c.name != 'fp']}")
+    if args.n < 1 or args.steps < 1:
+        p.error("--n and --steps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import ptq4dm
+    from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
+    from ptq4dm.passes import MSE, NDTC, MinMax, RandomNoise, Single, Uniform
+
+    unet = load_default_unet() if args.weights is None else load_unet(None, args.weights)
+    sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps,
+                                   schedule=trained_schedule(args.weights))
+    step = ptq4dm.DiffusionStep(unet, sampler).eval()
+    calib = {"ndtc": NDTC(n=args.calib_n, seed=args.calib_seed), "uniform": Uniform(n=args.calib_n, seed=args.calib_seed),
+             "single": Single(n=args.calib_n, seed=args.calib_seed), "random": RandomNoise(n=args.calib_n, seed=args.calib_seed)}
+    q_steps = {}
+    for name in names:
+        cfg = by_name[name]
+        solver = MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p)
+        res = ptq4dm.quantize(step, calibration=calib[cfg.calibration], solver=solver,
+                              policy=policy_for(cfg, args.steps), cache_dir=REPO / ".cache" / "calibration")
+        q_steps[name] = res.graph
+    g = torch.Generator().manual_seed(args.seed)
+    x_T = torch.randn(step.sample_shape(args.n), generator=g)
+    variances: dict[str, list[float]] = {}
+    errs = step_errors(step, q_steps, sampler, x_T, g, progress=True, variances=variances)
+    summary = {name: summarize(e) for name, e in errs.items()}
+    ts = sampler.timesteps.tolist()
+    for name in errs:
+        zeroed = [t for t, v, vq in zip(ts, variances["reference"], variances[name]) if v > 1e-12 and vq == 0]
+        summary[name]["variance_rounded_to_zero_at_t"] = zeroed
+        summary[name]["variance_max_ratio"] = max(
+            (vq / v for v, vq in zip(variances["reference"], variances[name]) if v > 1e-12), default=1.0)
+    print(f"{'configuration':<28} {'path KL':>10}  by tenth of the steps (noisiest first){'':>32}last-step RMS")
+    for name, s in summary.items():
+        print(f"{name:<28} {s['path_kl']:10.2f}  " + " ".join(f"{v:8.2f}" for v in s["by_slice"])
+              + f"  {s['last_step_rms']:.4f}")
+    for name, s in summary.items():
+        if s["variance_rounded_to_zero_at_t"] or abs(s["variance_max_ratio"] - 1) > 0.05:
+            print(f"{name}: the sampler's variance rounds to 0 at t = {s['variance_rounded_to_zero_at_t']}, "
+                  f"and up to {s['variance_max_ratio']:.2f}x the FP step's elsewhere")
+    model = model_identity(args.weights, unet)
+    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "model": model,
+            "sampler": sampler.config(), "n": args.n, "seed": args.seed, "calib_n": args.calib_n,
+            "command": "python tools/step_error.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.out_json:
+        atomic_write_json(args.out_json, {"meta": meta, "timesteps": sampler.timesteps.tolist(),
+                                          "per_step": errs, "variance": variances, "summary": summary})
+    if args.png:
+        plot_png(errs, sampler.timesteps.tolist(), Path(args.png),
+                 f"{model['weights']}: x_(t-1) error per step, N = {args.n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
