@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="ptq4dm-w8a8,minmax-w8a8",
                    help="comma-separated tools/evaluate.py configurations (not fp)")
     p.add_argument("--n", type=int, default=32, help="chains (samples) to follow")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--sampler", choices=("ddpm",), default="ddpm",
+                   help="DDPM only: the per-step KL needs a noisy transition (deterministic DDIM has none)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the per-step noise")
