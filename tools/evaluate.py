@@ -89,6 +89,19 @@ def policy_for(cfg: Config, steps: int):
                        keep_first_last_fp=cfg.keep_first_last, share_xt_range=cfg.share_xt)
 
 
+def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int, mu: float = 0.4,
+                    sigma: float = 0.5, cache_dir=None):
+    """``ptq4dm.quantize`` ``step`` as configuration ``cfg`` says: its calibration, solver and policy."""
+    import ptq4dm
+    from ptq4dm.passes import MSE, NDTC, MinMax, RandomNoise, Single, Uniform
+
+    calib = {"ndtc": lambda: NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
+             "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),
+             "random": lambda: RandomNoise(n=calib_n, seed=calib_seed)}[cfg.calibration]()
+    solver = MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p)
+    return ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy_for(cfg, steps), cache_dir=cache_dir)
+
+
 def model_identity(weights: str | None, unet: torch.nn.Module) -> dict:
     """Which checkpoint a table measured: path, training steps from its card, and the weights hash
     (``ptq4dm.weights_hash``, the ``fp_weights_sha256`` a quantized artifact of it records)."""
@@ -197,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
     from ptq4dm.models.metrics import (InceptionNet, classifier_stats, frechet_distance, inception_score,
                                        inception_score_from_probs, psnr)
-    from ptq4dm.passes import MSE, NDTC, MinMax, RandomNoise, Single, Uniform
-
     sys.path.insert(0, str(REPO / "tools"))
     from train import load_digits
 
@@ -233,9 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         return torch.cat(outs)
 
     cs = args.seed if args.calib_seed is None else args.calib_seed
-    calib_kinds = {"ndtc": NDTC(mu=args.mu, sigma=args.sigma, n=args.calib_n, seed=cs),
-                   "uniform": Uniform(n=args.calib_n, seed=cs), "single": Single(n=args.calib_n, seed=cs),
-                   "random": RandomNoise(n=args.calib_n, seed=cs)}
     cache = REPO / ".cache" / "calibration"
     def write_outputs(rows, final: bool) -> str:
         fp_fid = rows[0]["fid"]
@@ -289,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = draw(step, cfg.name)
             qinfo = {}
         else:
-            pol = policy_for(cfg, args.steps)
-            res = ptq4dm.quantize(step, calibration=calib_kinds[cfg.calibration],
-                                  solver=MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p), policy=pol, cache_dir=cache)
+            res = quantize_config(step, cfg, args.steps, args.calib_n, cs, args.mu, args.sigma, cache)
             with torch.no_grad():
                 x = draw(res.graph, cfg.name)
             qinfo = {"tensors": len(res.report.tensors), "total_error": res.report.total_error,

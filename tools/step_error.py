@@ -38,20 +38,25 @@ def step_errors(fp_step, q_steps: dict, sampler, x_T: torch.Tensor, generator: t
     (the FP step's, then each config's): the variance each step used (first element of the
     batch), so rounding of it shows.
     """
+    from ptq4dm.models.step import trajectory
+
     out = {name: [] for name in q_steps}
-    ts = sampler.timesteps.tolist()
-    it = enumerate(ts)
+    seen = []  # (noise, FP step output) of the step trajectory() just ran
+
+    def fp(x, t, noise):
+        ref = fp_step(x, t, noise)
+        seen.append((noise, ref))
+        return ref
+
+    chain = trajectory(fp, sampler, x_T, generator)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, total=len(ts), desc="steps", unit="step", leave=False)
-    x = x_T
+        chain = tqdm(chain, total=sampler.S, desc="steps", unit="step", leave=False)
     with torch.no_grad():
-        for _, t_val in it:
-            t = torch.full((x.shape[0],), t_val, dtype=torch.long, device=x.device)
-            noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-            ref = fp_step(x, t, noise)
-            prev, var = ref[0], ref[2].reshape(x.shape[0], -1)[:, 0]
+        for _, t, x, prev in chain:
+            noise, ref = seen.pop()
+            var = ref[2].reshape(x.shape[0], -1)[:, 0]
             if variances is not None:
                 variances.setdefault("reference", []).append(float(var[0]))
             for name, fn in q_steps.items():
@@ -63,7 +68,6 @@ def step_errors(fp_step, q_steps: dict, sampler, x_T: torch.Tensor, generator: t
                     out[name].append(float((d2 / (2 * var.double())).mean()))
                 else:
                     out[name].append(float((d2 / x[0].numel()).mean().sqrt()))
-            x = prev
     return out
 
 
@@ -115,7 +119,7 @@ def plot_png(curves: dict[str, list[float]], timesteps: list[int], path: Path, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluate import CONFIGS, model_identity, policy_for
+    from evaluate import CONFIGS, model_identity, quantize_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,21 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import ptq4dm
     from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
-    from ptq4dm.passes import MSE, NDTC, MinMax, RandomNoise, Single, Uniform
 
     unet = load_default_unet() if args.weights is None else load_unet(None, args.weights)
     sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps,
                                    schedule=trained_schedule(args.weights))
     step = ptq4dm.DiffusionStep(unet, sampler).eval()
-    calib = {"ndtc": NDTC(n=args.calib_n, seed=args.calib_seed), "uniform": Uniform(n=args.calib_n, seed=args.calib_seed),
-             "single": Single(n=args.calib_n, seed=args.calib_seed), "random": RandomNoise(n=args.calib_n, seed=args.calib_seed)}
-    q_steps = {}
-    for name in names:
-        cfg = by_name[name]
-        solver = MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p)
-        res = ptq4dm.quantize(step, calibration=calib[cfg.calibration], solver=solver,
-                              policy=policy_for(cfg, args.steps), cache_dir=REPO / ".cache" / "calibration")
-        q_steps[name] = res.graph
+    q_steps = {name: quantize_config(step, by_name[name], args.steps, args.calib_n, args.calib_seed,
+                                     cache_dir=REPO / ".cache" / "calibration").graph for name in names}
     g = torch.Generator().manual_seed(args.seed)
     x_T = torch.randn(step.sample_shape(args.n), generator=g)
     variances: dict[str, list[float]] = {}
