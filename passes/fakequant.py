@@ -94,6 +94,7 @@ class FakeQuant:
                 wq = g.get_attr(name)
             wq.meta[ROLE] = "quant"
             wq.meta[QTENSOR] = qt
+            wq.meta["ptq4dm.float_weight"] = str(src.target)   # read by bias_correct
             consumer.replace_input_with(src, wq)
             nw += 1
         g.eliminate_dead_code()

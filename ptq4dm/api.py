@@ -45,6 +45,7 @@ class QuantReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     policy: str = ""
     policy_obj: Any = None
+    bias_correction: dict = field(default_factory=dict)   # the bias_correct pass's result, when it ran
 
     @property
     def total_error(self) -> float:
@@ -76,7 +77,8 @@ class QuantReport:
                 "total_error": self.total_error, "total_error_minmax": self.total_error_minmax,
                 "left_in_float": [list(x) for x in self.left_in_float],
                 "tensors": [dict(key=t.key, role=t.role, spec=t.spec, scale=t.scale, zero_point=t.zero_point,
-                                 error=t.error, error_minmax=t.error_minmax) for t in self.tensors]}
+                                 error=t.error, error_minmax=t.error_minmax) for t in self.tensors],
+                **({"bias_correction": self.bias_correction} if self.bias_correction else {})}
 
 
 @dataclass
@@ -126,7 +128,8 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
                          left_in_float=list(ctx.results.get("unsupported", [])) + list(mark.get("left_in_float", [])),
                          counts=mark.get("counts", {}), timings={"capture": capture_s, **ctx.timings},
                          calibration={k: v for k, v in ctx.results.get("calibration", {}).items() if k != "timesteps"},
-                         policy=policy.describe(), policy_obj=policy)
+                         policy=policy.describe(), policy_obj=policy,
+                         bias_correction=ctx.results.get("bias_correct", {}))
     graph.meta["report"] = report
     graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
     return QuantResult(graph, report, fp_graph, ctx.options.get("calibration_set"))

@@ -56,14 +56,21 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
         else:
             tensors[f"a_scale/{qt.key}"], tensors[f"a_zp/{qt.key}"] = qp.scale.float(), qp.zero_point
         specs.append(spec)
+    # bias_correct's new biases replace the FP ones: the artifact stores the corrected model
+    corrected = {}
+    for target, buf in result.graph.meta.get("bias_corrected", {}).items():
+        if target.endswith(":no-bias"):
+            raise ArtifactError(f"bias_correct gave layer {target.split(':')[0]} a bias it did not have; the artifact "
+                                "format stores biases as UNet parameters and cannot hold it. Save without bias_correct.")
+        corrected[target.removeprefix("unet.")] = getattr(result.graph.gm, buf).detach()
     for name, p in step.unet.state_dict().items():
         if name not in quantized_params:
-            tensors[f"fp/{name}"] = p
+            tensors[f"fp/{name}"] = corrected.get(name, p)
     header = {"unet_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(step.unet.config).items()
                               if not k.startswith("_")},
               "sampler": step.sampler.config(), "policy": dataclasses.asdict(policy),
               "fp_weights_sha256": weights_hash(step.unet), "ptq4dm_version": ptq4dm.__version__,
-              "torch_version": torch.__version__, "specs": specs, **(extra or {})}
+              "torch_version": torch.__version__, "specs": specs, "bias_corrected": sorted(corrected), **(extra or {})}
     return save_artifact(path, tensors, header)
 
 

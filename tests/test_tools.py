@@ -160,7 +160,10 @@ def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):
     weights.with_suffix(".json").write_text(json.dumps({"unet_config": "tiny", "schedule": "cosine"}))
     out = tmp_path / "cos.ptq4dm.safetensors"
     r = run_tool("tools/quantize.py", "--model", str(weights), "--steps", "4", "--n", "8", "--no-progress",
-                 "--out", str(out))
+                 "--out", str(out), "--bias-correct")
     assert r.returncode == 0, r.stderr[-3000:]
     _, header = load_artifact(out)
     assert header["sampler"]["schedule"] == "cosine"
+    # --bias-correct: the artifact holds the corrected biases, and the summary says how many
+    assert len(header["bias_corrected"]) > 0 and "bias correction" in r.stdout
+    assert json.loads(out.with_suffix(".report.json").read_text())["bias_correction"]["layers"] == len(header["bias_corrected"])

@@ -47,6 +47,7 @@ class Config:
     keep_first_last: bool = False   # conv_in / conv_out in float
     share_xt: bool = False          # conv_in reads x_t with x_{t-1}'s range (QuantPolicy.share_xt_range)
     output_groups: int = 1          # > 1: mean / variance / x_{t-1} ranges per group of sampler steps (ours)
+    bias_correct: bool = False      # the bias_correct pass after fakequant (Nagel et al. 2019; not PTQ4DM's)
 
 
 CONFIGS = [
@@ -56,6 +57,8 @@ CONFIGS = [
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),
     Config("ptq4dm-w8a8-per-step-fl", "W8A8 PTQ4DM + per-step, conv_in/out FP", per_step=True, keep_first_last=True),
     Config("minmax-w8a8", "W8A8 NDTC + min-max ranges", solver="minmax"),
+    Config("ptq4dm-w8a8-bc", "W8A8 PTQ4DM + bias correction", bias_correct=True),
+    Config("minmax-w8a8-bc", "W8A8 NDTC + min-max ranges + bias correction", solver="minmax", bias_correct=True),
     Config("uniform-w8a8", "W8A8 uniform-t calibration + MSE", calibration="uniform"),
     Config("single-w8a8", "W8A8 single-t calibration + MSE", calibration="single"),
     Config("random-w8a8", "W8A8 random N(0,I) calibration + MSE", calibration="random"),
@@ -93,13 +96,15 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
                     sigma: float = 0.5, cache_dir=None):
     """``ptq4dm.quantize`` ``step`` as configuration ``cfg`` says: its calibration, solver and policy."""
     import ptq4dm
-    from ptq4dm.passes import MSE, NDTC, MinMax, RandomNoise, Single, Uniform
+    from ptq4dm.passes import DEFAULT_PIPELINE, MSE, NDTC, MinMax, RandomNoise, Single, Uniform
 
     calib = {"ndtc": lambda: NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
              "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),
              "random": lambda: RandomNoise(n=calib_n, seed=calib_seed)}[cfg.calibration]()
     solver = MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p)
-    return ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy_for(cfg, steps), cache_dir=cache_dir)
+    pipeline = DEFAULT_PIPELINE + (",bias_correct" if cfg.bias_correct else "")
+    return ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy_for(cfg, steps), cache_dir=cache_dir,
+                           pipeline=pipeline)
 
 
 def model_identity(weights: str | None, unet: torch.nn.Module) -> dict:

@@ -55,6 +55,8 @@ def parse_args(argv):
     q.add_argument("--per-step", action="store_true", help="one activation range per sampler step (beyond the paper)")
     q.add_argument("--share-xt-range", action="store_true",
                    help="convs reading x_t use the range x_{t-1} was quantized to one step earlier (no second rounding)")
+    q.add_argument("--bias-correct", action="store_true",
+                   help="append the bias_correct pass: fold each quantized layer's mean error into its bias (not in the paper)")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -135,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
                              quantize_outputs=not args.fp_outputs, keep_first_last_fp=args.keep_first_last_fp,
                              timestep_groups=args.steps if args.per_step else 1, share_xt_range=args.share_xt_range)
         stages["load"] = time.perf_counter() - t0
+        pipeline = args.passes or DEFAULT_PIPELINE
+        if args.bias_correct and "bias_correct" not in pipeline:
+            pipeline += ",bias_correct"
         result = ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy,
-                                 pipeline=args.passes or DEFAULT_PIPELINE, progress=not args.no_progress,
+                                 pipeline=pipeline, progress=not args.no_progress,
                                  cache_dir=REPO / ".cache" / "calibration", dump_after=tuple(args.dump_ir_after),
                                  dump_dir=out.parent / "ir")
     except (FileNotFoundError, WeightsError, PipelineError, CaptureError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stages.update(result.report.timings)
-    if "fakequant" not in (args.passes or DEFAULT_PIPELINE):
+    if "fakequant" not in pipeline:
         print(result.report.table(limit=20))
         print(f"pipeline stopped before fakequant: no artifact written")
         return 0
@@ -177,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     gain = result.report.total_error_minmax / max(result.report.total_error, 1e-30)
     print(f"  error vs min-max {result.report.total_error:.4g} vs {result.report.total_error_minmax:.4g} "
           f"(MSE solver {gain:.2f}x lower)")
+    bc = result.report.bias_correction
+    if bc:
+        rel = [x["mean_abs_shift"] / max(x["bias_mean_abs"], 1e-12) for x in bc["shifts"]]
+        print(f"  bias correction  {bc['layers']} conv / linear biases corrected on {bc['samples']} calibration samples "
+              f"(mean |shift| / mean |bias|: median {sorted(rel)[len(rel) // 2]:.3g}, max {max(rel):.3g})")
     print(f"  artifact         {out} ({size / 1e6:.2f} MB; fp32 weights {fp_bytes / 1e6:.2f} MB, "
           f"bf16 {fp_bytes / 2e6:.2f} MB)")
     if grid:

@@ -1,0 +1,146 @@
+"""bias_correct: empirical bias correction of the quantized convs and linears (not in PTQ4DM).
+
+reads:  the fake-quantized graph (``fakequant``'s output); ``ctx.options['calibration_set']``
+        (the (x_t, t) pairs ``calibrate`` used)
+writes: for each conv / linear with a quantized weight, a new bias buffer
+        ``ptq4dm_bc_<i>`` = bias - E[y_q - y], read by the conv / linear instead of its bias;
+        ``graph.meta['bias_corrected']`` ({original bias target: buffer}, which the artifact
+        stores as the layer's bias); ``ctx.results['bias_correct']``
+
+Rounding a weight and clipping an activation do not only add noise to a layer's output: they
+also move its mean. MSE ranges clip the tails, and a clipped tail is a one-signed error. One
+step of the sampler hardly notices, but the chain applies the step a hundred times, and a
+mean shift accumulates where zero-mean noise does not (the sampler's own noise swamps it).
+This is the empirical bias correction of Nagel et al., "Data-Free Quantization Through Weight
+Equalization and Bias Correction" (ICCV 2019), Sec. 4.2, measured on the calibration set: for
+each quantized layer, run the quantized graph and compare, at that layer only, its output
+y_q = op(Q(x), Q(W)) with y = op(x, W) on the same input x (the float value before the
+activation's fake-quant). The per-output-channel mean of y_q - y over the batch (and the
+spatial positions) is this layer's own bias; it is subtracted from the layer's bias. The
+error is local, so each layer's correction does not depend on the layers before it.
+
+The correction is a constant per channel, folded into the bias: it costs nothing at run time,
+and ``lower`` reads the new bias like the old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ptq4dm.ir.graph import ROLE, StepGraph
+
+from .base import PassContext, register_pass
+from .observe import QTENSOR
+
+aten = torch.ops.aten
+LAYER_OPS = {aten.conv2d.default, aten.convolution.default, aten.linear.default}
+FLOAT_WEIGHT = "ptq4dm.float_weight"   # meta key fakequant sets on a fake-quantized weight: the float one's target
+
+
+def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _float_input(node, env: dict):
+    """The float value a layer's input had before fake-quant: the fake_quant's source, or a cat of them."""
+    fq = torch.ops.ptq4dm.fake_quant.default
+    if not isinstance(node, fx.Node):
+        return node
+    if node.target is fq:
+        return env[node.args[0]]
+    if node.target is aten.cat.default and all(isinstance(a, fx.Node) for a in node.args[0]):
+        parts = [env[a.args[0]] if a.target is fq else env[a] for a in node.args[0]]
+        return torch.cat(parts, *node.args[1:])
+    return env[node]
+
+
+def _channel_dims(y: torch.Tensor, is_conv: bool) -> list[int]:
+    return [0] + list(range(2, y.dim())) if is_conv else list(range(y.dim() - 1))
+
+
+@register_pass
+@dataclass
+class BiasCorrect:
+    name = "bias_correct"
+    reads = "fake-quantized graph; ctx.options['calibration_set']"
+    writes = "corrected bias buffers ptq4dm_bc_<i> on quantized convs / linears; ctx.results['bias_correct']"
+    preserves_semantics = False
+
+    batch_size: int = 128
+    seed: int = 0
+
+    def run(self, graph: StepGraph, ctx: PassContext) -> None:
+        g, gm = graph.graph, graph.gm
+        cs = ctx.options.get("calibration_set")
+        if cs is None:
+            raise ValueError("bias_correct needs the calibration set: run it after 'calibrate' in the same "
+                             "pipeline (e.g. '...,calibrate,solve,fakequant,bias_correct')")
+        layers = {}
+        for n in g.nodes:
+            if n.op == "call_function" and n.target in LAYER_OPS and isinstance(n.args[1], fx.Node):
+                target = n.args[1].meta.get(FLOAT_WEIGHT)
+                if target is not None:
+                    layers[n] = _attr(gm, target)
+        if not layers:
+            raise ValueError("bias_correct found no fake-quantized conv / linear weights: run 'fakequant' before it")
+        sums = {n: 0.0 for n in layers}
+        counts = {n: 0 for n in layers}
+
+        class Measure(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n in layers:
+                    args, kwargs = self.fetch_args_kwargs_from_env(n)
+                    args = list(args)
+                    args[0] = _float_input(n.args[0], self.env)
+                    args[1] = layers[n]
+                    ref = n.target(*args, **kwargs)
+                    d = (out - ref).double()
+                    dims = _channel_dims(d, n.target is not aten.linear.default)
+                    sums[n] = sums[n] + d.sum(dims)
+                    counts[n] += d.numel() // d.shape[1 if n.target is not aten.linear.default else -1]
+                return out
+
+        device = graph.example_inputs[0].device
+        size = self.batch_size if graph.dynamic_batch else int(graph.example_inputs[0].shape[0])
+        batches = [b for b in cs.batches(size) if graph.dynamic_batch or b[0].shape[0] == size]
+        if ctx.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="bias_correct", unit="batch", leave=False)
+        gen = torch.Generator().manual_seed(self.seed)
+        interp = Measure(gm, garbage_collect_values=False)
+        with torch.no_grad():
+            for x, t in batches:
+                noise = torch.randn(x.shape, generator=gen)
+                interp.run(x.to(device), t.to(device), noise.to(device))
+        shifts = []
+        corrected = {}   # original bias target (or "<layer>:no-bias") -> its corrected buffer, for the artifact
+        for i, (n, w) in enumerate(layers.items()):
+            err = sums[n] / max(counts[n], 1)
+            b = n.args[2] if len(n.args) > 2 else None
+            old = _attr(gm, str(b.target)).detach() if isinstance(b, fx.Node) else torch.zeros(err.shape, dtype=w.dtype, device=w.device)
+            new = (old.double() - err.to(old.device)).to(old.dtype)
+            name = f"ptq4dm_bc_{i}"
+            gm.register_buffer(name, new)
+            corrected[str(b.target) if isinstance(b, fx.Node) else f"{n.name}:no-bias"] = name
+            with g.inserting_before(n):
+                nb = g.get_attr(name)
+            nb.meta[ROLE] = "quant"
+            nb.meta["val"] = new
+            args = list(n.args) + [None] * max(0, 3 - len(n.args))
+            args[2] = nb
+            n.args = tuple(args)
+            scale = float(old.abs().mean()) if old.numel() else 0.0
+            shifts.append({"layer": n.name, "mean_abs_shift": float(err.abs().mean()), "max_abs_shift": float(err.abs().max()),
+                           "bias_mean_abs": scale})
+        g.eliminate_dead_code()
+        gm.recompile()
+        graph.meta["bias_corrected"] = corrected
+        ctx.results["bias_correct"] = {"layers": len(shifts), "samples": int(cs.x.shape[0]), "shifts": shifts}

@@ -1,0 +1,136 @@
+"""bias_correct: each quantized conv / linear's mean output error is folded out of its bias."""
+
+import pytest
+import torch
+from torch import fx
+
+import ptq4dm
+from ptq4dm.models.samplers import make_sampler
+from ptq4dm.models.step import DiffusionStep
+from ptq4dm.passes import DEFAULT_PIPELINE, NDTC, PassContext, PassManager, QuantPolicy
+from ptq4dm.passes.bias_correct import LAYER_OPS
+
+FQ = torch.ops.ptq4dm.fake_quant.default
+W4 = QuantPolicy(weight_bits=4)   # coarse weights: a mean error large enough to see on the tiny UNet
+
+
+def _step(unet):
+    return DiffusionStep(unet, make_sampler("ddpm", num_inference_steps=10)).eval()
+
+
+def _local_mean_errors(result, bias_targets: dict) -> dict:
+    """Per layer, the per-channel mean over the calibration set of y_q - op(x, W, b): the layer's
+    output against the float op on the same float input with the float weight and the ORIGINAL bias."""
+    gm = result.graph.gm
+    fp_params = dict(result.fp_graph.gm.named_parameters())
+    layers = {n: n for n in result.graph.graph.nodes if n.op == "call_function" and n.target in LAYER_OPS
+              and n.name in bias_targets}
+    sums, counts = {}, {}
+
+    class Measure(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in layers:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                args = list(args)
+                src = n.args[0]
+                args[0] = self.env[src.args[0]] if src.target is FQ else self.env[src]
+                w_target, b_target = bias_targets[n.name]
+                args[1] = fp_params[w_target]
+                args[2] = fp_params[b_target] if b_target else None
+                d = (out - n.target(*args, **kwargs)).double()
+                conv = n.target is not torch.ops.aten.linear.default
+                dims = [0] + list(range(2, d.dim())) if conv else list(range(d.dim() - 1))
+                sums[n.name] = sums.get(n.name, 0) + d.sum(dims)
+                counts[n.name] = counts.get(n.name, 0) + d.numel() // d.shape[1 if conv else -1]
+            return out
+
+    cs = result.calibration_set
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for x, t in cs.batches(16):
+            Measure(gm, garbage_collect_values=False).run(x, t, torch.randn(x.shape, generator=gen))
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def test_corrected_layers_have_no_mean_error_left(tiny_unet):
+    step = _step(tiny_unet)
+    plain = ptq4dm.quantize(step, calibration=NDTC(n=32), policy=W4, progress=False)
+    corrected = ptq4dm.quantize(step, calibration=NDTC(n=32), policy=W4, progress=False,
+                                pipeline=DEFAULT_PIPELINE + ",bias_correct")
+    # the float weight and original bias behind each quantized layer, by the layers' (shared) node names
+    targets = {}
+    fp_nodes = {n.name: n for n in plain.fp_graph.graph.nodes}
+    for n in plain.graph.graph.nodes:
+        if n.op == "call_function" and n.target in LAYER_OPS and "ptq4dm.float_weight" in n.args[1].meta:
+            b = fp_nodes[n.name].args[2] if len(fp_nodes[n.name].args) > 2 else None
+            targets[n.name] = (n.args[1].meta["ptq4dm.float_weight"], b.target if isinstance(b, fx.Node) else None)
+    report = corrected.report.bias_correction
+    assert report["layers"] == len(targets) == corrected.report.counts["conv"] + corrected.report.counts["linear"]
+    assert report["samples"] == 32
+    before = _local_mean_errors(plain, targets)
+    after = _local_mean_errors(corrected, targets)
+    # the correction was measured on the uncorrected graph's layer inputs; it is local, so on the
+    # corrected graph (whose upstream layers changed) each layer's mean error is still nearly gone
+    b2 = sum(float(v.pow(2).sum()) for v in before.values())
+    a2 = sum(float(v.pow(2).sum()) for v in after.values())
+    assert b2 > 0
+    assert a2 < 0.05 * b2, (a2, b2)
+    # the corrected graph is the plain one plus a bias: same quantizers, no other change
+    assert corrected.graph.meta["qparams"].keys() == plain.graph.meta["qparams"].keys()
+    assert all(torch.equal(corrected.graph.meta["qparams"][k].scale, plain.graph.meta["qparams"][k].scale)
+               for k in plain.graph.meta["qparams"])
+
+
+def test_bias_correct_lowers_to_the_int8_ops(tiny_unet):
+    import copy
+
+    from ptq4dm.ir.graph import StepGraph
+
+    r = ptq4dm.quantize(_step(tiny_unet), calibration=NDTC(n=16), progress=False,
+                        pipeline=DEFAULT_PIPELINE + ",bias_correct")
+    fq = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
+    ctx = PassContext(progress=False)
+    PassManager.from_pipeline("lower").run(r.graph, ctx)
+    counts = ctx.results["lower"]["counts"]
+    assert counts["qconv2d"] == r.report.counts["conv"] and counts["qlinear"] == r.report.counts["linear"]
+    cs = r.calibration_set
+    x, t = cs.x[:4], cs.t[:4]
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        low, ref = r.graph(x, t, n), fq(x, t, n)
+    out_scale = max(qp.scale.max() for k, qp in r.graph.meta["qparams"].items() if k.endswith(":out"))
+    for a, b in zip(low, ref):   # the int8 graph keeps the corrected bias: within one output code
+        assert (a - b).abs().max() <= 1.01 * out_scale + 1e-6
+
+
+def test_bias_correct_says_what_it_needs(tiny_unet):
+    step = _step(tiny_unet)
+    r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False, pipeline="decompose_attention,mark,observe,calibrate,solve")
+    with pytest.raises(ValueError, match="run 'fakequant' before it"):
+        PassManager.from_pipeline("bias_correct").run(r.graph, PassContext(
+            options={"calibration_set": r.calibration_set}, progress=False))
+    r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False)
+    with pytest.raises(ValueError, match="needs the calibration set"):
+        PassManager.from_pipeline("bias_correct").run(r.graph, PassContext(progress=False))
+
+
+def test_artifact_stores_the_corrected_biases(tiny_unet, tmp_path):
+    from ptq4dm import artifact
+
+    step = _step(tiny_unet)
+    r = ptq4dm.quantize(step, calibration=NDTC(n=16), policy=W4, progress=False,
+                        pipeline=DEFAULT_PIPELINE + ",bias_correct")
+    path = tmp_path / "bc.ptq4dm.safetensors"
+    artifact.save(r, step, path)
+    g, _, header = artifact.load(path, expect_fp_weights=step.unet)
+    assert len(header["bias_corrected"]) == r.report.bias_correction["layers"]
+    x, t = r.calibration_set.x[:3], r.calibration_set.t[:3]
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = r.graph(x, t, n), g(x, t, n)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    plain = ptq4dm.quantize(step, calibration=NDTC(n=16), policy=W4, progress=False)
+    with torch.no_grad():   # and the correction is really in it: the uncorrected graph differs
+        assert not torch.equal(plain.graph(x, t, n).mean, got.mean)
