@@ -74,6 +74,8 @@ class BiasCorrect:
 
     batch_size: int = 128
     seed: int = 0
+    groups: int = 1         # > 1: also a correction per group of sampler steps (a (G, C) table gathered by t)
+    min_samples: int = 10   # a group with fewer calibration samples keeps the all-t correction
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
@@ -89,8 +91,17 @@ class BiasCorrect:
                     layers[n] = _attr(gm, target)
         if not layers:
             raise ValueError("bias_correct found no fake-quantized conv / linear weights: run 'fakequant' before it")
-        sums = {n: 0.0 for n in layers}
-        counts = {n: 0 for n in layers}
+        if self.groups < 1:
+            raise ValueError(f"bias_correct groups must be >= 1, got {self.groups}")
+        G = self.groups
+        table = None
+        if G > 1:
+            from .calibrate import group_table
+
+            table = group_table(graph.meta["sampler"], G)
+        sums = {n: 0.0 for n in layers}      # (G, C) sums of y_q - y, by the group of each sample's t
+        counts = {n: 0 for n in layers}      # elements per channel, per group: (G,)
+        state = {}
 
         class Measure(fx.Interpreter):
             def run_node(self, n):
@@ -102,9 +113,12 @@ class BiasCorrect:
                     args[1] = layers[n]
                     ref = n.target(*args, **kwargs)
                     d = (out - ref).double()
-                    dims = _channel_dims(d, n.target is not aten.linear.default)
-                    sums[n] = sums[n] + d.sum(dims)
-                    counts[n] += d.numel() // d.shape[1 if n.target is not aten.linear.default else -1]
+                    conv = n.target is not aten.linear.default
+                    d = d if conv else d.reshape(d.shape[0], -1, d.shape[-1]).transpose(1, 2)   # (B, C, ...)
+                    per_sample = d.reshape(d.shape[0], d.shape[1], -1).sum(-1)                 # (B, C)
+                    onehot = torch.nn.functional.one_hot(state["group"], G).double()           # (B, G)
+                    sums[n] = sums[n] + onehot.T.to(d.device) @ per_sample
+                    counts[n] = counts[n] + onehot.sum(0).to(d.device) * (d[0, 0].numel())
                 return out
 
         device = graph.example_inputs[0].device
@@ -119,11 +133,14 @@ class BiasCorrect:
         with torch.no_grad():
             for x, t in batches:
                 noise = torch.randn(x.shape, generator=gen)
+                state["group"] = table[t.cpu()] if table is not None else torch.zeros(len(t), dtype=torch.long)
                 interp.run(x.to(device), t.to(device), noise.to(device))
         shifts = []
         corrected = {}   # original bias target (or "<layer>:no-bias") -> its corrected buffer, for the artifact
+        group_node = None
+        samples = torch.bincount(table[cs.t.cpu()], minlength=G) if table is not None else None
         for i, (n, w) in enumerate(layers.items()):
-            err = sums[n] / max(counts[n], 1)
+            err = sums[n].sum(0) / counts[n].sum().clamp(min=1)
             b = n.args[2] if len(n.args) > 2 else None
             old = _attr(gm, str(b.target)).detach() if isinstance(b, fx.Node) else torch.zeros(err.shape, dtype=w.dtype, device=w.device)
             new = (old.double() - err.to(old.device)).to(old.dtype)
@@ -137,10 +154,40 @@ class BiasCorrect:
             args = list(n.args) + [None] * max(0, 3 - len(n.args))
             args[2] = nb
             n.args = tuple(args)
+            if G > 1:   # the rest, per group: y + table[group(t)], table rows of thin groups left 0
+                per_group = sums[n] / counts[n].clamp(min=1)[:, None] - err[None]
+                per_group[samples.to(per_group.device) < self.min_samples] = 0
+                if group_node is None:
+                    gm.register_buffer("ptq4dm_bc_group_of_t", table.to(graph.example_inputs[0].device))
+                    t_node = graph.placeholders()[1]
+                    with g.inserting_after(t_node):
+                        tab = g.get_attr("ptq4dm_bc_group_of_t")
+                    with g.inserting_after(tab):
+                        group_node = g.call_function(aten.index.Tensor, (tab, [t_node]))
+                    tab.meta[ROLE] = group_node.meta[ROLE] = "quant"
+                gname = f"ptq4dm_bc_{i}_groups"
+                gm.register_buffer(gname, (-per_group).to(new.dtype))
+                conv = n.target is not aten.linear.default
+                with g.inserting_before(n.next):   # in creation order, right after the layer
+                    gt = g.get_attr(gname)
+                    rows = g.call_function(aten.index.Tensor, (gt, [group_node]))                  # (B, C)
+                    rank = n.meta["val"].dim() if "val" in n.meta else (4 if conv else 2)
+                    c = int(per_group.shape[1])
+                    shape = [-1, c] + [1] * (rank - 2) if conv else [-1] + [1] * (rank - 2) + [c]
+                    view = g.call_function(aten.view.default, (rows, shape))
+                    add = g.call_function(aten.add.Tensor, (n, view))
+                n.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+                for m in (gt, rows, view, add):
+                    m.meta[ROLE] = "quant"
+                if "val" in n.meta:
+                    add.meta["val"] = n.meta["val"]
             scale = float(old.abs().mean()) if old.numel() else 0.0
             shifts.append({"layer": n.name, "mean_abs_shift": float(err.abs().mean()), "max_abs_shift": float(err.abs().max()),
                            "bias_mean_abs": scale})
         g.eliminate_dead_code()
         gm.recompile()
         graph.meta["bias_corrected"] = corrected
-        ctx.results["bias_correct"] = {"layers": len(shifts), "samples": int(cs.x.shape[0]), "shifts": shifts}
+        graph.meta["bias_correct_groups"] = G
+        ctx.results["bias_correct"] = {"layers": len(shifts), "samples": int(cs.x.shape[0]), "groups": G,
+                                       "samples_per_group": samples.tolist() if samples is not None else None,
+                                       "shifts": shifts}

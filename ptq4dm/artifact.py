@@ -58,6 +58,9 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
         specs.append(spec)
     # bias_correct's new biases replace the FP ones: the artifact stores the corrected model
     corrected = {}
+    if result.graph.meta.get("bias_correct_groups", 1) > 1:
+        raise ArtifactError("bias_correct{groups>1} adds per-timestep correction tables that the artifact format does "
+                            "not store yet; save with bias_correct (groups=1) or without it")
     for target, buf in result.graph.meta.get("bias_corrected", {}).items():
         if target.endswith(":no-bias"):
             raise ArtifactError(f"bias_correct gave layer {target.split(':')[0]} a bias it did not have; the artifact "

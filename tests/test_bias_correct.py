@@ -5,6 +5,7 @@ import torch
 from torch import fx
 
 import ptq4dm
+from ptq4dm.ir.graph import ROLE
 from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
 from ptq4dm.passes import DEFAULT_PIPELINE, NDTC, PassContext, PassManager, QuantPolicy
@@ -18,14 +19,34 @@ def _step(unet):
     return DiffusionStep(unet, make_sampler("ddpm", num_inference_steps=10)).eval()
 
 
-def _local_mean_errors(result, bias_targets: dict) -> dict:
+def _local_mean_errors(result, bias_targets: dict, groups: int = 1) -> dict:
     """Per layer, the per-channel mean over the calibration set of y_q - op(x, W, b): the layer's
-    output against the float op on the same float input with the float weight and the ORIGINAL bias."""
+    output against the float op on the same float input with the float weight and the ORIGINAL bias.
+    (G, C) per layer: one row per group of sampler steps."""
+    from ptq4dm.passes.calibrate import group_table
+
+    table = group_table(result.graph.meta["sampler"], groups)
+    state = {}
     gm = result.graph.gm
     fp_params = dict(result.fp_graph.gm.named_parameters())
     layers = {n: n for n in result.graph.graph.nodes if n.op == "call_function" and n.target in LAYER_OPS
               and n.name in bias_targets}
     sums, counts = {}, {}
+
+    def grouped_add(n):   # bias_correct{groups>1}: the layer's output + its group's row, the add right after it
+        return next((u for u in n.users if u.target is torch.ops.aten.add.Tensor and u.meta.get(ROLE) == "quant"), None)
+
+    def record(name, conv, d):
+        dims = list(range(2, d.dim())) if conv else list(range(1, d.dim() - 1))
+        per_sample = d.sum(dims) if dims else d   # (B, C)
+        sums.setdefault(name, torch.zeros(groups, per_sample.shape[1], dtype=torch.float64))
+        counts.setdefault(name, torch.zeros(groups, dtype=torch.float64))
+        for gi in range(groups):
+            sel = state["group"] == gi
+            sums[name][gi] += per_sample[sel].sum(0)
+            counts[name][gi] += int(sel.sum()) * (d[0].numel() // per_sample.shape[1])
+
+    pending = {}
 
     class Measure(fx.Interpreter):
         def run_node(self, n):
@@ -38,19 +59,25 @@ def _local_mean_errors(result, bias_targets: dict) -> dict:
                 w_target, b_target = bias_targets[n.name]
                 args[1] = fp_params[w_target]
                 args[2] = fp_params[b_target] if b_target else None
-                d = (out - n.target(*args, **kwargs)).double()
+                ref = n.target(*args, **kwargs)
                 conv = n.target is not torch.ops.aten.linear.default
-                dims = [0] + list(range(2, d.dim())) if conv else list(range(d.dim() - 1))
-                sums[n.name] = sums.get(n.name, 0) + d.sum(dims)
-                counts[n.name] = counts.get(n.name, 0) + d.numel() // d.shape[1 if conv else -1]
+                add = grouped_add(n)
+                if add is None:
+                    record(n.name, conv, (out - ref).double())
+                else:
+                    pending[add] = (n.name, conv, ref)
+            elif n in pending:
+                name, conv, ref = pending.pop(n)
+                record(name, conv, (out - ref).double())
             return out
 
     cs = result.calibration_set
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for x, t in cs.batches(16):
+            state["group"] = table[t]
             Measure(gm, garbage_collect_values=False).run(x, t, torch.randn(x.shape, generator=gen))
-    return {k: sums[k] / counts[k] for k in sums}
+    return {k: sums[k] / counts[k].clamp(min=1)[:, None] for k in sums}
 
 
 def test_corrected_layers_have_no_mean_error_left(tiny_unet):
@@ -134,3 +161,43 @@ def test_artifact_stores_the_corrected_biases(tiny_unet, tmp_path):
     plain = ptq4dm.quantize(step, calibration=NDTC(n=16), policy=W4, progress=False)
     with torch.no_grad():   # and the correction is really in it: the uncorrected graph differs
         assert not torch.equal(plain.graph(x, t, n).mean, got.mean)
+
+
+def test_groups_remove_the_part_of_the_error_that_follows_t(tiny_unet):
+    """bias_correct{groups=2}: a correction per half of the sampler's steps on top of the all-t one.
+    Measured per half, the mean error the single correction leaves is larger than what the
+    grouped one leaves; and the grouped graph still lowers to int8 ops."""
+    import copy
+
+    from ptq4dm.ir.graph import StepGraph
+
+    step = _step(tiny_unet)
+    runs = {g: ptq4dm.quantize(step, calibration=NDTC(n=64, mu=0.5), policy=W4, progress=False,
+                               pipeline=DEFAULT_PIPELINE + f",bias_correct{{groups={g}}}") for g in (1, 2)}
+    per_group = runs[2].report.bias_correction["samples_per_group"]
+    assert min(per_group) >= 10, per_group   # both halves corrected (none fell back)
+    plain = ptq4dm.quantize(step, calibration=NDTC(n=64, mu=0.5), policy=W4, progress=False)
+    targets = {}
+    fp_nodes = {n.name: n for n in plain.fp_graph.graph.nodes}
+    for n in plain.graph.graph.nodes:
+        if n.op == "call_function" and n.target in LAYER_OPS and "ptq4dm.float_weight" in n.args[1].meta:
+            b = fp_nodes[n.name].args[2]
+            targets[n.name] = (n.args[1].meta["ptq4dm.float_weight"], b.target)
+    left = {}
+    for g, r in runs.items():
+        errs = _local_mean_errors(r, targets, groups=2)
+        # the grouped graph adds its table after the layer: measure the layer's output with it
+        left[g] = sum(float(v.pow(2).sum()) for v in errs.values())
+    before = sum(float(v.pow(2).sum()) for v in _local_mean_errors(plain, targets, groups=2).values())
+    assert left[1] < 0.5 * before
+    assert left[2] < 0.5 * left[1], (before, left)
+    g = runs[2]
+    fq = StepGraph(copy.deepcopy(g.graph.gm), g.graph.example_inputs, dict(g.graph.meta), True)
+    PassManager.from_pipeline("lower").run(g.graph, PassContext(progress=False))
+    x, t = g.calibration_set.x[:4], g.calibration_set.t[:4]
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        low, ref = g.graph(x, t, n), fq(x, t, n)
+    out_scale = max(qp.scale.max() for k, qp in g.graph.meta["qparams"].items() if k.endswith(":out"))
+    for a, b in zip(low, ref):
+        assert (a - b).abs().max() <= 1.01 * out_scale + 1e-6

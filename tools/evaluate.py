@@ -48,6 +48,7 @@ class Config:
     share_xt: bool = False          # conv_in reads x_t with x_{t-1}'s range (QuantPolicy.share_xt_range)
     output_groups: int = 1          # > 1: mean / variance / x_{t-1} ranges per group of sampler steps (ours)
     bias_correct: bool = False      # the bias_correct pass after fakequant (Nagel et al. 2019; not PTQ4DM's)
+    bias_groups: int = 1            # > 1: bias_correct{groups=G}, a correction per group of sampler steps (ours)
 
 
 CONFIGS = [
@@ -59,6 +60,7 @@ CONFIGS = [
     Config("minmax-w8a8", "W8A8 NDTC + min-max ranges", solver="minmax"),
     Config("ptq4dm-w8a8-bc", "W8A8 PTQ4DM + bias correction", bias_correct=True),
     Config("minmax-w8a8-bc", "W8A8 NDTC + min-max ranges + bias correction", solver="minmax", bias_correct=True),
+    Config("ptq4dm-w8a8-bc-g10", "W8A8 PTQ4DM + bias correction per 1/10 of the steps", bias_correct=True, bias_groups=10),
     Config("uniform-w8a8", "W8A8 uniform-t calibration + MSE", calibration="uniform"),
     Config("single-w8a8", "W8A8 single-t calibration + MSE", calibration="single"),
     Config("random-w8a8", "W8A8 random N(0,I) calibration + MSE", calibration="random"),
@@ -102,7 +104,8 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
              "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),
              "random": lambda: RandomNoise(n=calib_n, seed=calib_seed)}[cfg.calibration]()
     solver = MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p)
-    pipeline = DEFAULT_PIPELINE + (",bias_correct" if cfg.bias_correct else "")
+    pipeline = DEFAULT_PIPELINE + ((",bias_correct" + (f"{{groups={cfg.bias_groups}}}" if cfg.bias_groups > 1 else ""))
+                                   if cfg.bias_correct else "")
     return ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy_for(cfg, steps), cache_dir=cache_dir,
                            pipeline=pipeline)
 
