@@ -163,10 +163,10 @@ def test_artifact_stores_the_corrected_biases(tiny_unet, tmp_path):
         assert not torch.equal(plain.graph(x, t, n).mean, got.mean)
 
 
-def test_groups_remove_the_part_of_the_error_that_follows_t(tiny_unet):
+def test_groups_remove_the_part_of_the_error_that_follows_t(tiny_unet, tmp_path):
     """bias_correct{groups=2}: a correction per half of the sampler's steps on top of the all-t one.
     Measured per half, the mean error the single correction leaves is larger than what the
-    grouped one leaves; and the grouped graph still lowers to int8 ops."""
+    grouped one leaves; the grouped graph still lowers to int8 ops; the artifact refuses it."""
     import copy
 
     from ptq4dm.ir.graph import StepGraph
@@ -192,6 +192,12 @@ def test_groups_remove_the_part_of_the_error_that_follows_t(tiny_unet):
     assert left[1] < 0.5 * before
     assert left[2] < 0.5 * left[1], (before, left)
     g = runs[2]
+    from ptq4dm import artifact
+    from ptq4dm.ir.serialize import ArtifactError
+
+    with pytest.raises(ArtifactError, match="per-timestep correction tables"):
+        artifact.save(g, step, tmp_path / "g.ptq4dm.safetensors")
+    assert not list(tmp_path.iterdir())   # nothing half-written
     fq = StepGraph(copy.deepcopy(g.graph.gm), g.graph.example_inputs, dict(g.graph.meta), True)
     PassManager.from_pipeline("lower").run(g.graph, PassContext(progress=False))
     x, t = g.calibration_set.x[:4], g.calibration_set.t[:4]
