@@ -121,6 +121,10 @@ def test_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "mu" in r.stderr
     r = run_tool("tools/quantize.py", "--model", "tiny", "--passes", "mark,obsrve", "--out", str(tmp_path / "a.safetensors"))
     assert r.returncode == 2 and "unknown pass 'obsrve'" in r.stderr
+    r = run_tool("tools/quantize.py", "--model", "tiny", "--passes",
+                 "decompose_attention,mark,observe,calibrate,solve,fakequant,bias_correct{groups=2}",
+                 "--out", str(tmp_path / "a.safetensors"))
+    assert r.returncode == 2 and "cannot store" in r.stderr and not (tmp_path / "a.safetensors").exists()
     r = run_tool("tools/quantize.py", "--out", "/proc/ptq4dm/a.safetensors")
     assert r.returncode != 0 and "cannot write" in (r.stderr + r.stdout)
     torch.manual_seed(0)

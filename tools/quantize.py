@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = args.passes or DEFAULT_PIPELINE
         if args.bias_correct and "bias_correct" not in pipeline:
             pipeline += ",bias_correct"
+        from ptq4dm.passes import parse_pipeline
+
+        if any(name == "bias_correct" and int(opts.get("groups", 1)) > 1 for name, opts in parse_pipeline(pipeline)):
+            raise ValueError("bias_correct{groups>1} makes per-timestep correction tables that the artifact cannot "
+                             "store yet, and this tool's job is the artifact: use bias_correct without groups here "
+                             "(tools/evaluate.py measures the grouped variant: --configs ptq4dm-w8a8-bc-g10)")
         result = ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy,
                                  pipeline=pipeline, progress=not args.no_progress,
                                  cache_dir=REPO / ".cache" / "calibration", dump_after=tuple(args.dump_ir_after),
