@@ -20,7 +20,9 @@ spatial positions) is this layer's own bias; it is subtracted from the layer's b
 error is local, so each layer's correction does not depend on the layers before it.
 
 The correction is a constant per channel, folded into the bias: it costs nothing at run time,
-and ``lower`` reads the new bias like the old one.
+and ``lower`` reads the new bias like the old one. The mean error depends on t, so with
+``groups=G`` the rest of it in each group of sampler steps is a (G, C) table added after the
+layer, gathered by t (groups with fewer than ``min_samples`` calibration samples get none).
 """
 
 from __future__ import annotations
@@ -58,10 +60,6 @@ def _float_input(node, env: dict):
         parts = [env[a.args[0]] if a.target is fq else env[a] for a in node.args[0]]
         return torch.cat(parts, *node.args[1:])
     return env[node]
-
-
-def _channel_dims(y: torch.Tensor, is_conv: bool) -> list[int]:
-    return [0] + list(range(2, y.dim())) if is_conv else list(range(y.dim() - 1))
 
 
 @register_pass
