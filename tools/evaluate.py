@@ -106,8 +106,9 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
              "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),
              "random": lambda: RandomNoise(n=calib_n, seed=calib_seed)}[cfg.calibration]()
     solver = MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p)
-    pipeline = DEFAULT_PIPELINE + ((",bias_correct" + (f"{{groups={cfg.bias_groups}}}" if cfg.bias_groups > 1 else ""))
-                                   if cfg.bias_correct else "")
+    pipeline = DEFAULT_PIPELINE
+    if cfg.bias_correct:
+        pipeline += ",bias_correct" if cfg.bias_groups == 1 else f",bias_correct{{groups={cfg.bias_groups}}}"
     return ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy_for(cfg, steps), cache_dir=cache_dir,
                            pipeline=pipeline)
 
