@@ -34,6 +34,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 #            "w/<key>"           int8 (int16 above 8 bits) weight codes, per output channel
 #            "w_scale/<key>", "w_zp/<key>"   their scales / zero points
 #            "a_scale/<key>", "a_zp/<key>"   activation / output ranges (tables if per-timestep)
+#            "bc_table/<bias>"   bias_correct{groups=G}: the (G, C) correction added after the layer
+#                                whose (corrected) bias is "fp/<bias>"; "bc_group_of_t": (T,) the group of each t
 #   metadata "ptq4dm": JSON header: format version, unet and sampler config, policy, pipeline,
 #            ptq4dm and torch versions, sha256 of the FP weights, per-tensor specs, and
 #            "content_sha256" over the rest of the header and every stored tensor (detects corruption).

@@ -5,7 +5,10 @@ reads:  the fake-quantized graph (``fakequant``'s output); ``ctx.options['calibr
 writes: for each conv / linear with a quantized weight, a new bias buffer
         ``ptq4dm_bc_<i>`` = bias - E[y_q - y], read by the conv / linear instead of its bias;
         ``graph.meta['bias_corrected']`` ({original bias target: buffer}, which the artifact
-        stores as the layer's bias); ``ctx.results['bias_correct']``
+        stores as the layer's bias); with ``groups=G > 1`` also a (G, C) table buffer
+        ``ptq4dm_bc_<i>_groups`` per layer, added after it (``insert_group_tables``), and
+        ``graph.meta['bias_correct_tables']`` ({original bias target: table buffer});
+        ``ctx.results['bias_correct']``
 
 Rounding a weight and clipping an activation do not only add noise to a layer's output: they
 also move its mean. MSE ranges clip the tails, and a clipped tail is a one-signed error. One
@@ -135,7 +138,7 @@ class BiasCorrect:
                 interp.run(x.to(device), t.to(device), noise.to(device))
         shifts = []
         corrected = {}   # original bias target (or "<layer>:no-bias") -> its corrected buffer, for the artifact
-        group_node = None
+        tables, table_names = {}, {}
         samples = torch.bincount(table[cs.t.cpu()], minlength=G) if table is not None else None
         for i, (n, w) in enumerate(layers.items()):
             err = sums[n].sum(0) / counts[n].sum().clamp(min=1)
@@ -152,40 +155,55 @@ class BiasCorrect:
             args = list(n.args) + [None] * max(0, 3 - len(n.args))
             args[2] = nb
             n.args = tuple(args)
-            if G > 1:   # the rest, per group: y + table[group(t)], table rows of thin groups left 0
+            if G > 1:   # the rest, per group; thin groups' rows stay 0
                 per_group = sums[n] / counts[n].clamp(min=1)[:, None] - err[None]
                 per_group[samples.to(per_group.device) < self.min_samples] = 0
-                if group_node is None:
-                    gm.register_buffer("ptq4dm_bc_group_of_t", table.to(graph.example_inputs[0].device))
-                    t_node = graph.placeholders()[1]
-                    with g.inserting_after(t_node):
-                        tab = g.get_attr("ptq4dm_bc_group_of_t")
-                    with g.inserting_after(tab):
-                        group_node = g.call_function(aten.index.Tensor, (tab, [t_node]))
-                    tab.meta[ROLE] = group_node.meta[ROLE] = "quant"
-                gname = f"ptq4dm_bc_{i}_groups"
-                gm.register_buffer(gname, (-per_group).to(new.dtype))
-                conv = n.target is not aten.linear.default
-                with g.inserting_before(n.next):   # in creation order, right after the layer
-                    gt = g.get_attr(gname)
-                    rows = g.call_function(aten.index.Tensor, (gt, [group_node]))                  # (B, C)
-                    rank = n.meta["val"].dim() if "val" in n.meta else (4 if conv else 2)
-                    c = int(per_group.shape[1])
-                    shape = [-1, c] + [1] * (rank - 2) if conv else [-1] + [1] * (rank - 2) + [c]
-                    view = g.call_function(aten.view.default, (rows, shape))
-                    add = g.call_function(aten.add.Tensor, (n, view))
-                n.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
-                for m in (gt, rows, view, add):
-                    m.meta[ROLE] = "quant"
-                if "val" in n.meta:
-                    add.meta["val"] = n.meta["val"]
+                tables[n] = (f"ptq4dm_bc_{i}_groups", (-per_group).to(new.dtype))
+                table_names[str(b.target) if isinstance(b, fx.Node) else f"{n.name}:no-bias"] = tables[n][0]
             scale = float(old.abs().mean()) if old.numel() else 0.0
             shifts.append({"layer": n.name, "mean_abs_shift": float(err.abs().mean()), "max_abs_shift": float(err.abs().max()),
                            "bias_mean_abs": scale})
+        if tables:
+            insert_group_tables(graph, tables, table)
         g.eliminate_dead_code()
         gm.recompile()
         graph.meta["bias_corrected"] = corrected
+        graph.meta["bias_correct_tables"] = table_names   # original bias target -> its (G, C) table buffer
         graph.meta["bias_correct_groups"] = G
         ctx.results["bias_correct"] = {"layers": len(shifts), "samples": int(cs.x.shape[0]), "groups": G,
                                        "samples_per_group": samples.tolist() if samples is not None else None,
                                        "shifts": shifts}
+
+
+def insert_group_tables(graph: StepGraph, tables: dict, group_of_t: torch.Tensor) -> None:
+    """After each layer node ``n`` of ``tables`` ({n: (buffer name, (G, C) table)}), add the row of
+    the table for the group of each sample's t: ``y + table[group_of_t[t]]``, broadcast over the
+    spatial positions (a conv's NCHW output) or the tokens (a linear's (..., C) output).
+
+    ``bias_correct{groups>1}`` builds the graph this way, and ``artifact.load`` rebuilds it from the
+    stored tables. The new nodes carry ROLE "quant"; ``lower`` keeps them as float adds.
+    """
+    g, gm = graph.graph, graph.gm
+    gm.register_buffer("ptq4dm_bc_group_of_t", group_of_t.to(graph.example_inputs[0].device))
+    t_node = graph.placeholders()[1]
+    with g.inserting_after(t_node):
+        tab = g.get_attr("ptq4dm_bc_group_of_t")
+    with g.inserting_after(tab):
+        group_node = g.call_function(aten.index.Tensor, (tab, [t_node]))
+    tab.meta[ROLE] = group_node.meta[ROLE] = "quant"
+    for n, (name, table) in tables.items():
+        gm.register_buffer(name, table)
+        conv = n.target is not aten.linear.default
+        with g.inserting_before(n.next):   # right after the layer
+            gt = g.get_attr(name)
+            rows = g.call_function(aten.index.Tensor, (gt, [group_node]))                  # (B, C)
+            rank = n.meta["val"].dim() if "val" in n.meta else (4 if conv else 2)
+            c = int(table.shape[1])
+            shape = [-1, c] + [1] * (rank - 2) if conv else [-1] + [1] * (rank - 2) + [c]
+            view = g.call_function(aten.view.default, (rows, shape))
+            add = g.call_function(aten.add.Tensor, (n, view))
+        n.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+        for m in (gt, rows, view, add):
+            m.meta[ROLE] = "quant"
+        if "val" in n.meta:
+            add.meta["val"] = n.meta["val"]

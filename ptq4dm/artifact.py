@@ -57,15 +57,17 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
             tensors[f"a_scale/{qt.key}"], tensors[f"a_zp/{qt.key}"] = qp.scale.float(), qp.zero_point
         specs.append(spec)
     # bias_correct's new biases replace the FP ones: the artifact stores the corrected model
+    # bias_correct{groups>1}: a (G, C) table per layer, added after it, and the group of each t
     corrected = {}
-    if result.graph.meta.get("bias_correct_groups", 1) > 1:
-        raise ArtifactError("bias_correct{groups>1} adds per-timestep correction tables that the artifact format does "
-                            "not store yet; save with bias_correct (groups=1) or without it")
     for target, buf in result.graph.meta.get("bias_corrected", {}).items():
         if target.endswith(":no-bias"):
             raise ArtifactError(f"bias_correct gave layer {target.split(':')[0]} a bias it did not have; the artifact "
                                 "format stores biases as UNet parameters and cannot hold it. Save without bias_correct.")
         corrected[target.removeprefix("unet.")] = getattr(result.graph.gm, buf).detach()
+    for target, buf in result.graph.meta.get("bias_correct_tables", {}).items():
+        tensors[f"bc_table/{target.removeprefix('unet.')}"] = getattr(result.graph.gm, buf).detach().float()
+    if result.graph.meta.get("bias_correct_tables"):
+        tensors["bc_group_of_t"] = result.graph.gm.ptq4dm_bc_group_of_t.detach().long()
     for name, p in step.unet.state_dict().items():
         if name not in quantized_params:
             tensors[f"fp/{name}"] = corrected.get(name, p)
@@ -73,7 +75,8 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
                               if not k.startswith("_")},
               "sampler": step.sampler.config(), "policy": dataclasses.asdict(policy),
               "fp_weights_sha256": weights_hash(step.unet), "ptq4dm_version": ptq4dm.__version__,
-              "torch_version": torch.__version__, "specs": specs, "bias_corrected": sorted(corrected), **(extra or {})}
+              "torch_version": torch.__version__, "specs": specs, "bias_corrected": sorted(corrected),
+              "bias_correct_groups": int(result.graph.meta.get("bias_correct_groups", 1)), **(extra or {})}
     return save_artifact(path, tensors, header)
 
 
@@ -138,4 +141,31 @@ def load(path: str | Path, expect_fp_weights: torch.nn.Module | None = None, dev
                             f"{header.get('torch_version')})")
     graph.meta["qparams"] = {k: q.to(device) for k, q in qps.items()}
     PassManager.from_pipeline("fakequant").run(graph, ctx)
+    _restore_group_tables(graph, tensors, path)
     return graph, step, header
+
+
+def _restore_group_tables(graph: StepGraph, tensors: dict, path) -> None:
+    """Re-insert bias_correct{groups>1}'s per-group tables after the layers whose bias they correct."""
+    from torch import fx
+
+    from ptq4dm.passes.bias_correct import LAYER_OPS, insert_group_tables
+
+    stored = {k.removeprefix("bc_table/"): v for k, v in tensors.items() if k.startswith("bc_table/")}
+    if not stored:
+        return
+    if "bc_group_of_t" not in tensors:
+        raise ArtifactError(f"{path}: it has bias correction tables but no bc_group_of_t; the file is incomplete")
+    layers = {}
+    for n in graph.graph.nodes:
+        b = n.args[2] if n.op == "call_function" and n.target in LAYER_OPS and len(n.args) > 2 else None
+        if isinstance(b, fx.Node) and b.op == "get_attr" and str(b.target).removeprefix("unet.") in stored:
+            target = str(b.target).removeprefix("unet.")
+            layers[n] = (f"ptq4dm_bc_{len(layers)}_groups", stored[target].to(graph.example_inputs[0].device))
+    if len(layers) != len(stored):
+        raise ArtifactError(f"{path}: {len(stored)} bias correction tables but {len(layers)} matching layers in the "
+                            "rebuilt graph; it was made with another ptq4dm / torch version")
+    insert_group_tables(graph, layers, tensors["bc_group_of_t"])
+    graph.graph.eliminate_dead_code()
+    graph.gm.recompile()
+

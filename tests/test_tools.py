@@ -121,10 +121,8 @@ def test_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "mu" in r.stderr
     r = run_tool("tools/quantize.py", "--model", "tiny", "--passes", "mark,obsrve", "--out", str(tmp_path / "a.safetensors"))
     assert r.returncode == 2 and "unknown pass 'obsrve'" in r.stderr
-    r = run_tool("tools/quantize.py", "--model", "tiny", "--passes",
-                 "decompose_attention,mark,observe,calibrate,solve,fakequant,bias_correct{groups=2}",
-                 "--out", str(tmp_path / "a.safetensors"))
-    assert r.returncode == 2 and "cannot store" in r.stderr and not (tmp_path / "a.safetensors").exists()
+    r = run_tool("tools/quantize.py", "--model", "tiny", "--bias-groups", "4", "--out", str(tmp_path / "a.safetensors"))
+    assert r.returncode == 2 and "add --bias-correct" in r.stderr and not (tmp_path / "a.safetensors").exists()
     r = run_tool("tools/quantize.py", "--out", "/proc/ptq4dm/a.safetensors")
     assert r.returncode != 0 and "cannot write" in (r.stderr + r.stdout)
     torch.manual_seed(0)
@@ -164,10 +162,15 @@ def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):
     weights.with_suffix(".json").write_text(json.dumps({"unet_config": "tiny", "schedule": "cosine"}))
     out = tmp_path / "cos.ptq4dm.safetensors"
     r = run_tool("tools/quantize.py", "--model", str(weights), "--steps", "4", "--n", "8", "--no-progress",
-                 "--out", str(out), "--bias-correct")
+                 "--out", str(out), "--bias-correct", "--bias-groups", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    _, header = load_artifact(out)
+    tensors, header = load_artifact(out)
     assert header["sampler"]["schedule"] == "cosine"
-    # --bias-correct: the artifact holds the corrected biases, and the summary says how many
-    assert len(header["bias_corrected"]) > 0 and "bias correction" in r.stdout
+    # --bias-correct --bias-groups 2: the artifact holds the corrected biases and a (2, C) table per
+    # layer, and the summary says how many
+    assert len(header["bias_corrected"]) > 0 and "bias correction" in r.stdout and "per 1/2" in r.stdout
+    assert header["bias_correct_groups"] == 2
+    assert {k.removeprefix("bc_table/") for k in tensors if k.startswith("bc_table/")} == set(header["bias_corrected"])
     assert json.loads(out.with_suffix(".report.json").read_text())["bias_correction"]["layers"] == len(header["bias_corrected"])
+    r = run_tool("tools/sample.py", str(out), "--n", "2", "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr[-3000:]

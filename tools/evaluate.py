@@ -61,6 +61,8 @@ CONFIGS = [
     Config("ptq4dm-w8a8-bc", "W8A8 PTQ4DM + bias correction", bias_correct=True),
     Config("minmax-w8a8-bc", "W8A8 NDTC + min-max ranges + bias correction", solver="minmax", bias_correct=True),
     Config("ptq4dm-w8a8-bc-g10", "W8A8 PTQ4DM + bias correction per 1/10 of the steps", bias_correct=True, bias_groups=10),
+    Config("minmax-w8a8-bc-g10", "W8A8 NDTC + min-max ranges + bias corr. per 1/10 of the steps", solver="minmax",
+           bias_correct=True, bias_groups=10),
     Config("ptq4dm-w8a8-bc-g10-xt-only", "W8A8 PTQ4DM + bias corr. per 1/10 of the steps, mean/variance in FP",
            bias_correct=True, bias_groups=10, output_roles=("prev_sample",)),
     Config("uniform-w8a8", "W8A8 uniform-t calibration + MSE", calibration="uniform"),
