@@ -13,11 +13,11 @@ from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
 from ptq4dm.models.samplers import DDIMSampler, DDPMSampler, make_sampler  # noqa: E402
 from ptq4dm.models.step import DiffusionStep, sample, trajectory  # noqa: E402
 from ptq4dm.models.unets import build_unet  # noqa: E402
-from ptq4dm.passes import (MSE, NDTC, MinMax, PassManager, QuantPolicy, RandomNoise, Single,  # noqa: E402
-                           Uniform)
+from ptq4dm.passes import (DEFAULT_PIPELINE, MSE, NDTC, MinMax, PassManager, QuantPolicy, RandomNoise,  # noqa: E402
+                           Single, Uniform)
 
 __all__ = ["__version__", "quantize", "capture", "capture_step", "CaptureError", "StepGraph", "QuantReport",
            "QuantResult", "weights_hash", "load_unet", "load_default_unet", "trained_schedule", "build_unet",
            "make_sampler",
            "DDPMSampler", "DDIMSampler", "DiffusionStep", "sample", "trajectory", "PassManager", "QuantPolicy",
-           "NDTC", "Uniform", "Single", "RandomNoise", "MSE", "MinMax"]
+           "NDTC", "Uniform", "Single", "RandomNoise", "MSE", "MinMax", "DEFAULT_PIPELINE"]

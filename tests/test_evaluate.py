@@ -77,7 +77,7 @@ def test_evaluate_small_run(tmp_path, inception_file):
     import ptq4dm
     from ptq4dm.models.loading import default_model_card
     assert (data["meta"]["seed"], data["meta"]["calib_seed"]) == (0, 7)  # calibration drawn apart from the samples
-    assert data["meta"]["model"]["weights"] == "models/weights/mnist-small-ddpm.safetensors"
+    assert data["meta"]["model"]["weights"] == "models/weights/mnist-small-ddpm-cosine.safetensors"
     assert data["meta"]["model"]["train_steps"] == default_model_card()["steps"]  # the table names its checkpoint
     assert data["meta"]["model"]["weights_sha256"] == ptq4dm.weights_hash(ptq4dm.load_default_unet())[:16]
     assert data["rows"][1]["psnr_vs_fp"] > 10  # same seeds: the W8A8 samples resemble the FP ones
@@ -86,7 +86,7 @@ def test_evaluate_small_run(tmp_path, inception_file):
     text = md.read_text()
     assert "W8A8 PTQ4DM (NDTC + MSE)" in text and "kept text" in text and "old" not in text
     assert "Command: `python tools/evaluate.py --n 6" in text and "Inception FID" in text and "digit differs from FP" in text
-    assert f"Model `models/weights/mnist-small-ddpm.safetensors` ({default_model_card()['steps']:,} training steps" in text
+    assert f"Model `models/weights/mnist-small-ddpm-cosine.safetensors` ({default_model_card()['steps']:,} training steps" in text
     assert "Sampler ddim 3 steps (eta 0.0)" in text and data["meta"]["sampler"]["eta"] == 0.0
     assert (tmp_path / "g.png").stat().st_size > 100
     fp = data["rows"][0]

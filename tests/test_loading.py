@@ -42,7 +42,7 @@ def test_bad_paths():
 def test_the_sampler_schedule_comes_from_the_weights_card(tmp_path):
     from ptq4dm.models.loading import trained_schedule
 
-    assert trained_schedule() == "linear"  # the shipped model's card
+    assert trained_schedule() == "cosine"  # the shipped default model's card
     weights = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in build_unet("tiny").state_dict().items()}, str(weights))
     assert trained_schedule(weights) == "linear"  # no card: the DDPM default

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ptq4dm
     from ptq4dm.models.classifier import load_classifier
-    from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
+    from ptq4dm.models.loading import DEFAULT_MODEL, load_default_unet, load_unet, trained_schedule
     from train import load_digits, split
 
     unet = load_default_unet() if args.weights is None else load_unet(None, args.weights)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['from_t']} | {r['confident_frac']:.3f} | {same} | {r['mean_confidence']:.3f} |")
     result = {"meta": {"command": command, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                        "cpu": platform.machine(), "n": args.n, "seed": args.seed, "sampler": sampler.config(),
-                       "weights": args.weights or "models/weights/mnist-small-ddpm.safetensors"},
+                       "weights": args.weights or DEFAULT_MODEL.name},
               "rows": rows}
     if args.out_json:
         atomic_write_json(Path(args.out_json), result)

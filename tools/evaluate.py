@@ -13,6 +13,7 @@ PATH`` (a local TorchScript Inception, inception-2015-12-05.pt) the table adds s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -84,6 +85,12 @@ CONFIGS = [
     Config("ptq4dm-w4a8", "W4A8 PTQ4DM", weight_bits=4),
     Config("ptq4dm-w4a8-per-step", "W4A8 PTQ4DM + per-step act. ranges", weight_bits=4, per_step=True),
 ]
+# the paper's baselines with the default model's pipeline (bias_correct{groups=10} after fakequant):
+# only the calibration / outputs / bits differ from ptq4dm-w8a8-bc-g10
+CONFIGS += [dataclasses.replace(c, name=c.name + "-bc-g10", label=c.label + " + bias corr. 1/10", bias_correct=True,
+                                bias_groups=10)
+            for c in CONFIGS if c.name in ("uniform-w8a8", "single-w8a8", "random-w8a8", "ptq4dm-w8a8-fp-outputs",
+                                           "ptq4dm-w4a8")]
 
 
 def policy_for(cfg: Config, steps: int):

@@ -2,7 +2,7 @@
 """Quantize a diffusion model with PTQ4DM: capture, mark, NDTC-calibrate, MSE-solve, fake-quant;
 save the int8 artifact, sample a grid, print a summary.
 
-    python tools/quantize.py --demo                        # the default MNIST model, W8A8
+    python tools/quantize.py --demo                        # the default MNIST model, W8A8 (+ bias correction)
     python tools/quantize.py --model path/to/unet_folder --sampler ddim --steps 100 \\
         --calibration ndtc --mu 0.4 --sigma 0.5 --n 1024 --out runs/my.ptq4dm.safetensors
     python tools/quantize.py --passes "decompose_attention,mark,observe,calibrate,solve{p=2.4},fakequant" \\
@@ -55,10 +55,12 @@ def parse_args(argv):
     q.add_argument("--per-step", action="store_true", help="one activation range per sampler step (beyond the paper)")
     q.add_argument("--share-xt-range", action="store_true",
                    help="convs reading x_t use the range x_{t-1} was quantized to one step earlier (no second rounding)")
-    q.add_argument("--bias-correct", action="store_true",
-                   help="append the bias_correct pass: fold each quantized layer's mean error into its bias (not in the paper)")
-    q.add_argument("--bias-groups", type=int, default=1, metavar="G",
-                   help="with --bias-correct: also a correction per 1/G of the sampler's steps (bias_correct{groups=G})")
+    q.add_argument("--bias-correct", action=argparse.BooleanOptionalAction, default=None,
+                   help="append the bias_correct pass: fold each quantized layer's mean error into its bias (not in "
+                        "the paper; --demo: on, with --bias-groups 10; --no-bias-correct: the paper's pipeline)")
+    q.add_argument("--bias-groups", type=int, default=None, metavar="G",
+                   help="with --bias-correct: also a correction per 1/G of the sampler's steps (bias_correct{groups=G}); "
+                        "default 1 (--demo: 10)")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -67,7 +69,8 @@ def parse_args(argv):
     o.add_argument("--grid", default=None, help="PNG grid path (default: beside the artifact)")
     o.add_argument("--threads", type=int, default=0)
     o.add_argument("--no-progress", action="store_true")
-    o.add_argument("--demo", action="store_true", help="the README demo: default model, W8A8, grid + report")
+    o.add_argument("--demo", action="store_true", help="the README demo: default model, DDPM 100 steps, W8A8 NDTC + MSE + "
+                        "bias_correct{groups=10}, grid + report")
     return p.parse_args(argv), p
 
 
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("weight_bits", "act_bits", "attn_bits", "output_bits"):
         if not 2 <= getattr(args, f) <= 16:
             parser.error(f"--{f.replace('_', '-')} must be in [2, 16]")
+    if args.bias_correct is None:
+        args.bias_correct = args.demo and args.passes is None
+    if args.bias_groups is None:
+        args.bias_groups = 10 if args.demo and args.bias_correct else 1
     if args.bias_groups < 1:
         parser.error("--bias-groups must be >= 1")
     if args.bias_groups > 1 and not args.bias_correct:
@@ -174,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         from ptq4dm.models.metrics import psnr
 
         grid = Path(args.grid) if args.grid else out.with_suffix(".png")
-        grid_png([("FP32", fp), (f"{policy.describe()} PTQ4DM", qs)], grid)
+        bc = result.report.bias_correction
+        label = f"{policy.describe()} PTQ4DM" + (f" + bias corr. 1/{bc['groups']}" if bc and bc["groups"] > 1
+                                                 else " + bias corr." if bc else "")
+        grid_png([("FP32", fp), (label, qs)], grid)
         report["psnr_vs_fp_db"] = psnr(qs, fp)
         atomic_write_json(out.with_suffix(".report.json"), report)
     fp_bytes = sum(p.numel() * 4 for p in unet.parameters())
