@@ -57,13 +57,13 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
             tensors[f"a_scale/{qt.key}"], tensors[f"a_zp/{qt.key}"] = qp.scale.float(), qp.zero_point
         specs.append(spec)
     # bias_correct's new biases replace the FP ones: the artifact stores the corrected model
-    # bias_correct{groups>1}: a (G, C) table per layer, added after it, and the group of each t
     corrected = {}
     for target, buf in result.graph.meta.get("bias_corrected", {}).items():
         if target.endswith(":no-bias"):
             raise ArtifactError(f"bias_correct gave layer {target.split(':')[0]} a bias it did not have; the artifact "
                                 "format stores biases as UNet parameters and cannot hold it. Save without bias_correct.")
         corrected[target.removeprefix("unet.")] = getattr(result.graph.gm, buf).detach()
+    # bias_correct{groups>1}: a (G, C) table per layer, added after it, and the group of each t
     for target, buf in result.graph.meta.get("bias_correct_tables", {}).items():
         tensors[f"bc_table/{target.removeprefix('unet.')}"] = getattr(result.graph.gm, buf).detach().float()
     if result.graph.meta.get("bias_correct_tables"):
@@ -159,8 +159,8 @@ def _restore_group_tables(graph: StepGraph, tensors: dict, path) -> None:
     layers = {}
     for n in graph.graph.nodes:
         b = n.args[2] if n.op == "call_function" and n.target in LAYER_OPS and len(n.args) > 2 else None
-        if isinstance(b, fx.Node) and b.op == "get_attr" and str(b.target).removeprefix("unet.") in stored:
-            target = str(b.target).removeprefix("unet.")
+        target = str(b.target).removeprefix("unet.") if isinstance(b, fx.Node) and b.op == "get_attr" else None
+        if target in stored:
             layers[n] = (f"ptq4dm_bc_{len(layers)}_groups", stored[target].to(graph.example_inputs[0].device))
     if len(layers) != len(stored):
         raise ArtifactError(f"{path}: {len(stored)} bias correction tables but {len(layers)} matching layers in the "
