@@ -1,4 +1,9 @@
-"""lower: the fake-quant graph -> int8 ops (backends/ops.py).
+"""lower: the fake-quant graph -> int8 execution, by backend (``lower{backend=auto|x86|triton}``).
+
+backend=x86 (the default on the CPU): backends/x86.py writes PT2E's quantize / dequantize form
+that torch.compile (Inductor, freezing) turns into oneDNN int8 convs and linears; run it
+through ``ptq4dm.compile_step``. backend=triton (the default on CUDA), described below: our own
+int8 ops, Triton kernels on CUDA and the integer-exact reference on the CPU (the tests' oracle).
 
 reads:  ``ptq4dm.fake_quant`` nodes feeding conv2d / linear / attention matmuls; fake-quantized
         weight buffers and their qparams (graph.meta['qparams']); a residual ``add`` right after
@@ -144,12 +149,29 @@ class Lower:
               "fused; ctx.results['lower']")
     preserves_semantics = False
 
+    backend: str = "auto"       # auto (the graph's device: cuda -> triton, cpu -> x86) | x86 | triton
     fuse_residual: bool = True
     fuse_requant: bool = True
+    min_k: int = 32             # x86 cost rule: int8 only for >= min_k reduction elements ...
+    min_n: int = 16             # ... and >= min_n output channels
+    weight_bits: str = "auto"   # x86: auto (8 with VNNI, 7 without: see backends/x86.py), 7 or 8
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
         qparams = graph.meta.get("qparams") or {}
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if graph.example_inputs[0].is_cuda else "x86"
+        if backend not in ("x86", "triton"):
+            raise ValueError(f"lower: unknown backend {self.backend!r}; choose auto, x86 (CPU: Inductor + oneDNN "
+                             f"int8) or triton (the ptq4dm int8 ops: Triton on CUDA, the int64 reference on CPU)")
+        graph.meta["lowered_backend"] = backend
+        if backend == "x86":
+            from ptq4dm.backends.x86 import lower_x86
+
+            ctx.results["lower"] = {"backend": "x86", **lower_x86(graph, qparams, self.min_k, self.min_n,
+                                                                  self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits))}
+            return
         counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0, "requant_fused": 0}
         kept = []
         i = 0
@@ -250,4 +272,4 @@ class Lower:
             if not any(nd.op == "get_attr" and nd.target == name for nd in g.nodes):
                 delattr(gm, name)
         gm.recompile()
-        ctx.results["lower"] = {"counts": counts, "kept": kept}
+        ctx.results["lower"] = {"backend": "triton", "counts": counts, "kept": kept}

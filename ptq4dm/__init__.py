@@ -6,7 +6,8 @@ ptq4dm.backends and ptq4dm.models.
 
 __version__ = "0.1.0"
 
-from ptq4dm.api import QuantReport, QuantResult, capture_step, quantize, weights_hash  # noqa: E402
+from ptq4dm.api import (QuantReport, QuantResult, capture_step, compile_step, lower, quantize,  # noqa: E402
+                        weights_hash)
 from ptq4dm.ir.capture import CaptureError, capture  # noqa: E402
 from ptq4dm.ir.graph import StepGraph  # noqa: E402
 from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule  # noqa: E402
@@ -16,7 +17,7 @@ from ptq4dm.models.unets import build_unet  # noqa: E402
 from ptq4dm.passes import (DEFAULT_PIPELINE, MSE, NDTC, MinMax, PassManager, QuantPolicy, RandomNoise,  # noqa: E402
                            Single, Uniform)
 
-__all__ = ["__version__", "quantize", "capture", "capture_step", "CaptureError", "StepGraph", "QuantReport",
+__all__ = ["__version__", "quantize", "lower", "compile_step", "capture", "capture_step", "CaptureError", "StepGraph", "QuantReport",
            "QuantResult", "weights_hash", "load_unet", "load_default_unet", "trained_schedule", "build_unet",
            "make_sampler",
            "DDPMSampler", "DDIMSampler", "DiffusionStep", "sample", "trajectory", "PassManager", "QuantPolicy",

@@ -133,3 +133,25 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
     graph.meta["report"] = report
     graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
     return QuantResult(graph, report, fp_graph, ctx.options.get("calibration_set"))
+
+
+def lower(graph: StepGraph, backend: str = "auto", progress: bool = False, **options) -> dict:
+    """Run the ``lower`` pass on a quantized (fake-quant) graph, in place: ``backend`` auto follows
+    the graph's device (cuda: the Triton int8 ops, cpu: x86 / Inductor + oneDNN). Returns what it
+    lowered and what it kept in float, with reasons. ``options``: the pass's other fields
+    (``weight_bits``, ``min_k``, ``min_n``, ...). Run the result through ``compile_step``."""
+    ctx = PassContext(progress=progress)
+    PassManager.from_pipeline("lower", pass_options={"lower": {"backend": backend, **options}}).run(graph, ctx)
+    return ctx.results["lower"]
+
+
+def compile_step(graph: StepGraph, dynamic: bool | None = None):
+    """A fast callable (x, t, noise) -> outputs for a lowered (or fake-quant / FP) step graph. On
+    the CPU: Inductor with freezing (weights become constants; the x86 backend's int8 rewrites
+    need it, and float convs get prepacked weights too). On CUDA: plain ``torch.compile``. The
+    first call compiles (seconds to minutes)."""
+    if not graph.example_inputs[0].is_cuda:
+        from ptq4dm.backends.x86 import CompiledStep
+
+        return CompiledStep(graph.gm, dynamic=dynamic)
+    return torch.compile(graph.gm, dynamic=dynamic)

@@ -118,7 +118,7 @@ def test_bias_correct_lowers_to_the_int8_ops(tiny_unet):
                         pipeline=DEFAULT_PIPELINE + ",bias_correct")
     fq = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
     ctx = PassContext(progress=False)
-    PassManager.from_pipeline("lower").run(r.graph, ctx)
+    PassManager.from_pipeline("lower{backend=triton}").run(r.graph, ctx)
     counts = ctx.results["lower"]["counts"]
     assert counts["qconv2d"] == r.report.counts["conv"] and counts["qlinear"] == r.report.counts["linear"]
     cs = r.calibration_set
@@ -207,7 +207,7 @@ def test_groups_remove_the_part_of_the_error_that_follows_t(tiny_unet, tmp_path)
         assert torch.equal(a, b)
     assert not torch.equal(one.mean, got.mean)   # the tables are really in it
     fq = StepGraph(copy.deepcopy(g.graph.gm), g.graph.example_inputs, dict(g.graph.meta), True)
-    PassManager.from_pipeline("lower").run(g.graph, PassContext(progress=False))
+    PassManager.from_pipeline("lower{backend=triton}").run(g.graph, PassContext(progress=False))
     x, t = g.calibration_set.x[:4], g.calibration_set.t[:4]
     n = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

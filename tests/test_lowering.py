@@ -185,7 +185,7 @@ def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
     fq = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
     unfused = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
     ctx = PassContext(progress=False)
-    PassManager.from_pipeline("lower").run(r.graph, ctx)
+    PassManager.from_pipeline("lower{backend=triton}").run(r.graph, ctx)
     PassManager([Lower(fuse_requant=False)]).run(unfused, PassContext(progress=False))
     counts = ctx.results["lower"]["counts"]
     # q, k, v of every attention go to the int8 matmuls as int8 straight from the linear's epilogue
@@ -216,7 +216,7 @@ def test_batch1_static_graph_lowers_and_runs(tiny_unet):
     step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
     graph = ptq4dm.capture_step(step, batch=1, dynamic_batch=False)
     r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False, graph=graph)
-    PassManager.from_pipeline("lower").run(r.graph, PassContext(progress=False))
+    PassManager.from_pipeline("lower{backend=triton}").run(r.graph, PassContext(progress=False))
     x, t, n = r.calibration_set.x[:1], r.calibration_set.t[:1], torch.zeros(1, 1, 8, 8)
     with torch.no_grad():
         out = r.graph(x, t, n)

@@ -1,0 +1,212 @@
+"""The x86 CPU backend: the fake-quant graph in PT2E's reference form, run by Inductor's oneDNN int8.
+
+torch.compile already knows how to run int8 convolutions and linears on x86: with freezing on,
+Inductor's quantization passes (``torch/_inductor/fx_passes/quantization.py``, extended by
+``torchao/quantization/pt2e/inductor_passes/x86.py`` when torchao's X86InductorQuantizer is
+imported) match
+
+    dequantize_per_tensor(quantize_per_tensor(x))  ->  conv2d / linear  <-  dequantize_per_channel(w_int8)
+
+and replace it by ``onednn.qconv_pointwise`` / ``onednn.qlinear_pointwise`` with the weight
+prepacked once, folding a following SiLU / ReLU (unary post-op), a linear's residual add
+(binary post-op) and a following ``quantize_per_tensor`` (the consumer's quantizer: the op then
+writes uint8) into the kernel. This module writes that form from our solved qparams, as they
+are: no re-calibration, no kernel of our own.
+
+    activation  fake_quant(x, s, z, -128, 127)  ->  q = quantize_per_tensor(x, s, z + 128, 0, 255, uint8)
+                                                    dequantize_per_tensor(q, s, z + 128, 0, 255, uint8)
+    weight      the int8 codes of the fake-quantized weight (buffer ``ptq4dm_x86w_<i>``) with its
+                per-output-channel scale -> dequantize_per_channel(w, scale, 0, axis 0, int8)
+
+uint8 codes with zero point z + 128 are the same real values as our int8 codes with z
+(``clamp(round(x / s) + z + 128, 0, 255) == clamp(round(x / s) + z, -128, 127) + 128``), so
+the compiled graph computes what the fake-quant graph simulates, with exact int32 products.
+
+What stays in float (fake-quant, as simulated; each reported with its reason):
+  * attention matmuls: oneDNN has no int8 batched matmul that Inductor lowers to; fake-quant
+    fp32 matmuls compute exactly the simulated values;
+  * inputs with a per-timestep range (the scale is a runtime tensor; Inductor's conv rewrite
+    needs a constant);
+  * convs / linears the cost rule keeps: fewer than ``min_k`` reduction elements
+    (C_in * kh * kw) or fewer than ``min_n`` output channels (e.g. a 1-channel conv_in / conv_out),
+    where quantize + oneDNN dispatch cost more than the float op saves.
+Output quantizers (mean / variance / x_{t-1}) and bias_correct's group tables stay fake-quant
+/ float adds: pointwise, fused by Inductor into their neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+FQ = torch.ops.ptq4dm.fake_quant.default
+
+
+def _decomposed():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines torch.ops.quantized_decomposed)
+
+    return torch.ops.quantized_decomposed
+
+
+def register_inductor_patterns() -> bool:
+    """Make Inductor's x86 int8 rewrites available: torch's own, plus torchao's (importing its
+    X86InductorQuantizer registers them). True when torchao's were registered."""
+    _decomposed()
+    try:
+        with contextlib.redirect_stderr(None):
+            import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+        return True
+    except Exception:   # torchao missing or broken: torch's built-in patterns still apply
+        return False
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_isa() -> dict:
+    """The CPU model and the ISA flags that decide the int8 path (Linux /proc/cpuinfo; empty
+    flags elsewhere)."""
+    model, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import platform
+
+    return {"cpu": model or platform.processor() or platform.machine(), "flags": [f for f in ISA_FLAGS if f in flags]}
+
+
+def has_vnni() -> bool:
+    """VNNI (AVX-512 VNNI, AVX-VNNI or AMX): u8 x s8 products accumulate in int32. Without it oneDNN
+    adds pairs of u8 x s8 products in int16 with saturation (vpmaddubsw), wrong beyond 32767."""
+    return any(f in cpu_isa()["flags"] for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _const(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The value of a get_attr node (a scale / zero-point buffer), else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bits: int | str = "auto") -> dict:
+    """Rewrite ``graph`` (a fake-quant StepGraph) in place into PT2E's reference form. Returns
+    ``{"counts": {...}, "kept": [(node, reason), ...], "weight_bits": 8 | 7}``.
+
+    ``weight_bits`` auto: 8 on a CPU with VNNI; 7 without, where oneDNN's int16 pair sums of
+    u8 x s8 products saturate (255 * 127 * 2 > 32767, measured: up to 30% of an output's range):
+    the 8-bit weight codes are requantized to [-64, 63] with twice the scale, so that
+    255 * 64 * 2 <= 32767 and the int8 products are exact again (the graph then computes W7A8,
+    not the simulated W8A8: reported, and measured in docs/results.md)."""
+    if weight_bits == "auto":
+        weight_bits = 8 if has_vnni() else 7
+    if weight_bits not in (7, 8):
+        raise ValueError(f"lower x86: weight_bits must be auto, 7 or 8, got {weight_bits!r}")
+    from ptq4dm.ir.graph import ROLE
+    from ptq4dm.ir.quant import quantize
+    from ptq4dm.passes.lower import _uniform
+    from ptq4dm.passes.observe import QTENSOR
+
+    qd = _decomposed()
+    g, gm = graph.graph, graph.gm
+    counts = {"qconv2d": 0, "qlinear": 0}
+    kept = []
+    dq_of = {}   # (fake_quant node) -> its dequantize node, shared by every lowered consumer
+    i = 0
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target not in (aten.conv2d.default, aten.linear.default):
+            continue
+        fq, w = n.args[0], n.args[1]
+        qt = w.meta.get(QTENSOR) if isinstance(w, fx.Node) else None
+        if not isinstance(fq, fx.Node) or fq.target is not FQ or qt is None or qt.key not in qparams:
+            continue   # not quantized (kept in float by the policy): nothing to lower
+        src, s, z, qmin, qmax = fq.args[:5]
+        axis = fq.args[5] if len(fq.args) > 5 else None
+        wqp = qparams[qt.key]
+        sv, zv = _const(gm, s), _const(gm, z)
+        is_conv = n.target is aten.conv2d.default
+        wv = _const(gm, w)
+        reason = None
+        if axis is not None or sv is None or zv is None or sv.numel() != 1:
+            reason = "input range per timestep (a runtime scale; Inductor's int8 rewrite needs a constant)"
+        elif (qmin, qmax) != (-128, 127):
+            reason = f"input quantized to [{qmin}, {qmax}], not 8 bits"
+        elif wqp.qmin < -128 or wqp.qmax > 127 or wqp.axis != 0 or not bool((wqp.zero_point == 0).all()):
+            reason = "weights not 8-bit symmetric per output channel"
+        elif is_conv and (len(n.args) > 6 and n.args[6] != 1 or _uniform(n.args[5] if len(n.args) > 5 else 1) != 1):
+            reason = "conv with groups / dilation"
+        else:
+            k = wv[0].numel()
+            if k < min_k or wv.shape[0] < min_n:
+                reason = f"cost rule: {k} reduction elements x {wv.shape[0]} outputs (int8 when >= {min_k} x {min_n})"
+        if reason:
+            kept.append((n.name, reason))
+            continue
+        wq = quantize(wv.float(), wqp, torch.int8)
+        w_scale = wqp.scale.float().reshape(-1).clone()
+        if weight_bits == 7:   # no VNNI: halve the codes (round half to even, as quantize does)
+            wq = torch.clamp(torch.round(wq.float() / 2), -64, 63).to(torch.int8)
+            w_scale = w_scale * 2
+        names = (f"ptq4dm_x86w_{i}", f"ptq4dm_x86w_{i}_scale", f"ptq4dm_x86w_{i}_zp")
+        gm.register_buffer(names[0], wq)
+        gm.register_buffer(names[1], w_scale)
+        gm.register_buffer(names[2], torch.zeros(wq.shape[0], dtype=torch.int64))
+        scale, zp = float(sv), int(zv) + 128
+        with g.inserting_before(n):
+            if fq not in dq_of:
+                with g.inserting_after(fq):
+                    q = g.call_function(qd.quantize_per_tensor.default, (src, scale, zp, 0, 255, torch.uint8))
+                with g.inserting_after(q):
+                    dq_of[fq] = g.call_function(qd.dequantize_per_tensor.default, (q, scale, zp, 0, 255, torch.uint8))
+                q.meta[ROLE] = dq_of[fq].meta[ROLE] = "quant"
+            wn = [g.get_attr(nm) for nm in names]
+            wdq = g.call_function(qd.dequantize_per_channel.default, (*wn, 0, -128, 127, torch.int8))
+        for m in (*wn, wdq):
+            m.meta[ROLE] = "quant"
+        n.args = (dq_of[fq], wdq, *n.args[2:])
+        counts["qconv2d" if is_conv else "qlinear"] += 1
+        i += 1
+    g.eliminate_dead_code()
+    for name in [b for b, _ in gm.named_buffers() if b.startswith("ptq4dm_wq_")]:
+        if not any(nd.op == "get_attr" and nd.target == name for nd in g.nodes):
+            delattr(gm, name)
+    gm.recompile()
+    return {"counts": counts, "kept": kept, "weight_bits": weight_bits}
+
+
+class CompiledStep(torch.nn.Module):
+    """A lowered x86 step graph compiled by Inductor with freezing (the int8 rewrites only run on a
+    frozen graph) and called under ``torch.no_grad()`` (freezing needs inference)."""
+
+    def __init__(self, gm: fx.GraphModule, dynamic: bool | None = None):
+        super().__init__()
+        register_inductor_patterns()
+        self.gm = gm
+        self._fn = torch.compile(gm, dynamic=dynamic)
+
+    def forward(self, x, t, noise):
+        # freezing set globally while compiling: torch.compile(options={"freezing": True}) is not
+        # read everywhere (linears then keep an unfolded qlinear_prepack and fail to compile)
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            return self._fn(x, t, noise)
+
+
+def compiled_code(step: CompiledStep, *args) -> str:
+    """The Python source Inductor generated for ``step`` on ``args`` (a fresh compile): where a
+    test or a user checks that the int8 kernels were used (``onednn.qconv`` / ``onednn.qlinear``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        _, code = run_and_get_code(step._fn, *args)
+    return "\n".join(code)

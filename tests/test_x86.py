@@ -1,0 +1,116 @@
+"""The x86 CPU backend (lower{backend=x86} + Inductor/oneDNN int8): the compiled graph computes
+what the fake-quant graph simulates, and it really runs the oneDNN int8 kernels.
+
+Each example compiles a graph with Inductor (seconds), so the examples are few and small."""
+
+import copy
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ptq4dm
+from ptq4dm.backends.x86 import compiled_code, has_vnni
+from ptq4dm.passes import NDTC, QuantPolicy
+
+
+class _Config(dict):
+    __getattr__ = dict.__getitem__   # diffusers-style: config.in_channels and dict(config)
+
+
+class OneLayer(torch.nn.Module):
+    """A 'UNet' that is one conv (or one linear over the channels) between SiLUs: the smallest
+    step graph with a quantized input, a quantized weight and the sampler's output quantizers."""
+
+    def __init__(self, cin, cout, size, kind, k=3, stride=1):
+        super().__init__()
+        self.config = _Config(in_channels=cin, out_channels=cin, sample_size=size)
+        self.kind, self.cout = kind, cout
+        self.layer = (torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2) if kind == "conv"
+                      else torch.nn.Linear(cin, cout))
+        self.back = torch.nn.Conv2d(cout, cin, 1)   # back to the sample's channels (kept float: a 1x1 from few channels)
+
+    def forward(self, x, t):
+        h = torch.nn.functional.silu(x + t[:, None, None, None].float() / 1000)
+        if self.kind == "conv":
+            h = self.layer(h)
+        else:
+            h = self.layer(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = torch.nn.functional.silu(h)
+        if h.shape[-1] != x.shape[-1]:
+            h = torch.nn.functional.interpolate(h, size=x.shape[-2:])
+        return self.back(h)
+
+
+def _quantized(layer, batch):
+    torch.manual_seed(0)
+    step = ptq4dm.DiffusionStep(layer.eval(), ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
+    graph = ptq4dm.capture_step(step, batch=batch, dynamic_batch=batch > 1)
+    res = ptq4dm.quantize(step, calibration=NDTC(n=16, batch_size=16), policy=QuantPolicy(), progress=False, graph=graph)
+    return step, res
+
+
+def _inputs(step, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = step.sample_shape(batch)
+    return (torch.randn(shape, generator=g) * 2, step.sampler.timesteps[torch.randint(0, 5, (batch,), generator=g)],
+            torch.randn(shape, generator=g))
+
+
+def _out_steps(res):
+    """The output quantizers' step sizes (scale), by output name (DDIM with eta 0: the mean is
+    x_{t-1}, one quantizer)."""
+    steps = {t.role: t.scale for t in res.report.tensors if t.role in ("prev_sample", "mean", "variance")}
+    steps.setdefault("mean", steps["prev_sample"])
+    return steps
+
+
+@settings(max_examples=3)
+@given(kind=st.sampled_from(["conv", "linear"]), cin=st.integers(32, 48), cout=st.integers(16, 48),
+       size=st.sampled_from([6, 8]), stride=st.sampled_from([1, 2]), batch=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2**16))
+def test_compiled_int8_graph_equals_fake_quant_within_one_output_step(kind, cin, cout, size, stride, batch, seed):
+    """Over conv / linear shapes, batch 1 (static) and a dynamic batch (two sizes through one
+    compiled graph): the Inductor-compiled int8 graph gives x_{t-1} and the mean within one step
+    of their output quantizers of the graph it was lowered from, and the graph in PT2E form
+    (before compiling) with 8-bit weights is the fake-quant graph's arithmetic exactly."""
+    layer = OneLayer(cin, cout, size, kind, stride=stride if kind == "conv" else 1)
+    step, res = _quantized(layer, batch)
+    fq = copy.deepcopy(res.graph)
+    w8 = copy.deepcopy(res.graph)
+    info = ptq4dm.lower(w8, backend="x86", weight_bits=8)
+    assert info["counts"]["qconv2d" if kind == "conv" else "qlinear"] >= 1, info
+    ptq4dm.lower(res.graph, backend="x86")   # auto weight bits: 7 on a CPU without VNNI (int16 saturation)
+    compiled = ptq4dm.compile_step(res.graph)
+    steps = _out_steps(res)
+    for b in ([batch] if batch == 1 else [batch, batch + 2]):
+        x, t, noise = _inputs(step, b, seed)
+        with torch.no_grad():
+            want, pt2e_w8, eager = fq(x, t, noise), w8(x, t, noise), res.graph(x, t, noise)
+            got = compiled(x, t, noise)
+        for i, name in enumerate(("prev_sample", "mean")):
+            assert torch.allclose(pt2e_w8[i], want[i], atol=1e-5), name
+            tol = steps[name] * 1.01 + 1e-5
+            assert float((got[i] - eager[i]).abs().max()) <= tol, (name, b)
+            if has_vnni():   # 8-bit weights run as they are: the compiled graph is the simulated one
+                assert float((got[i] - want[i]).abs().max()) <= tol, (name, b)
+
+
+def test_compiled_code_runs_onednn_int8_kernels(tiny_unet):
+    """Fails when Inductor silently falls back to float: the generated code must call oneDNN's
+    int8 conv and linear, as many as the lowering rewrote."""
+    step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
+    res = ptq4dm.quantize(step, calibration=NDTC(n=8, batch_size=8), progress=False)
+    info = ptq4dm.lower(res.graph)          # the CPU's default backend
+    assert info["backend"] == "x86"
+    code = compiled_code(ptq4dm.compile_step(res.graph), *_inputs(step, 2, 0))
+    assert code.count("onednn.qconv") >= info["counts"]["qconv2d"] > 0
+    assert code.count("onednn.qlinear") >= info["counts"]["qlinear"] > 0
+    assert all(reason for _, reason in info["kept"])
+
+
+def test_lower_rejects_an_unknown_backend(tiny_unet):
+    step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
+    res = ptq4dm.quantize(step, calibration=NDTC(n=4, batch_size=4), progress=False)
+    with pytest.raises(ValueError, match="unknown backend 'npu'.*x86"):
+        ptq4dm.lower(res.graph, backend="npu")
