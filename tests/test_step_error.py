@@ -71,3 +71,22 @@ def test_cli_writes_json_and_png_and_refuses_fp(tmp_path):
     bad = subprocess.run([sys.executable, "tools/step_error.py", "--configs", "fp"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown or FP configurations ['fp']" in bad.stderr
+
+
+def test_ddim_steps_report_the_rms_of_what_each_step_adds(tiny_unet):
+    """DDIM with eta 0 has no noise at any step: a step adding delta to every pixel scores delta
+    (the per-pixel RMS) at every step, and the path is S * delta^2; the ablation list keeps one
+    part of a configuration in float at a time."""
+    step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=4)).eval()
+    delta = 0.02
+
+    def shifted(x, t, noise):
+        out = step(x, t, noise)
+        return (out[0] + delta, out[1], out[2])
+
+    x_T = torch.randn(step.sample_shape(2), generator=torch.Generator().manual_seed(0))
+    errs = se.step_errors(step, {"shifted": shifted}, step.sampler, x_T, torch.Generator().manual_seed(1))
+    assert all(abs(e - delta) < 1e-5 * delta for e in errs["shifted"]), errs
+    s = se.summarize(errs["shifted"], parts=2, deterministic=True)
+    assert abs(s["path_mse"] - 4 * delta ** 2) < 1e-5 * delta ** 2 and abs(sum(s["by_slice"]) - s["path_mse"]) < 1e-12
+    assert {"outputs-fp", "first-last-fp", "weights-fp", "activations-fp"} <= set(se.ABLATIONS)

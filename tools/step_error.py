@@ -13,6 +13,13 @@ step's variance: the KL divergence between the two Gaussian transitions when bot
 (it then also counts what rounding the variance does). The sum over steps is a path KL in nats;
 the last step (sigma = 0: x_0 is the mean) is reported apart as the RMS of dx_0 per pixel.
 Configurations are tools/evaluate.py's (``--configs`` takes the same names).
+
+DDIM (``--sampler ddim``): with eta 0 no step has noise (sigma_t = 0), so every step reports
+the per-pixel RMS of dx_{t-1}, and the summary's ``path`` is the sum over steps of that RMS
+squared (a path MSE, not a KL); with eta > 0 the steps with sigma_t > 0 report the KL as for
+DDPM. ``--ablate`` adds, for each configuration, the same configuration with one part kept in
+float (outputs, conv_in / conv_out, attention, all activations, all weights): which tensors
+carry the error, step by step.
 """
 
 from __future__ import annotations
@@ -71,15 +78,25 @@ def step_errors(fp_step, q_steps: dict, sampler, x_T: torch.Tensor, generator: t
     return out
 
 
-def summarize(errs: list[float], parts: int = 10) -> dict:
+def summarize(errs: list[float], parts: int = 10, deterministic: bool = False) -> dict:
     """Path KL (all steps but the last), its share per ``parts`` consecutive slices of the steps
-    (slice 0 the noisiest), and the last step's RMS."""
-    kl = errs[:-1]
+    (slice 0 the noisiest), and the last step's RMS. ``deterministic`` (DDIM, eta 0: every entry
+    is an RMS): the path is the sum of the squared RMS over all steps ("path_mse")."""
+    kl = [e * e for e in errs] if deterministic else errs[:-1]
     n = len(kl)
     parts = max(1, min(parts, n))
     bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return {"path_kl": sum(kl), "by_slice": [sum(kl[a:b]) for a, b in zip(bounds, bounds[1:])],
-            "last_step_rms": errs[-1]}
+    return {("path_mse" if deterministic else "path_kl"): sum(kl),
+            "by_slice": [sum(kl[a:b]) for a, b in zip(bounds, bounds[1:])], "last_step_rms": errs[-1]}
+
+
+ABLATIONS = {   # suffix -> the fields of tools/evaluate.py's Config that keep one part in float
+    "outputs-fp": {"quantize_outputs": False},
+    "first-last-fp": {"keep_first_last": True},
+    "attention-fp": {"quantize_attention": False},
+    "activations-fp": {"act_bits": 16, "attn_bits": 16, "output_bits": 16},
+    "weights-fp": {"weight_bits": 16},
+}
 
 
 def plot_png(curves: dict[str, list[float]], timesteps: list[int], path: Path, title: str) -> None:
@@ -127,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default="ptq4dm-w8a8,minmax-w8a8",
                    help="comma-separated tools/evaluate.py configurations (not fp)")
     p.add_argument("--n", type=int, default=32, help="chains (samples) to follow")
-    p.add_argument("--sampler", choices=("ddpm",), default="ddpm",
-                   help="DDPM only: the per-step KL needs a noisy transition (deterministic DDIM has none)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                   help="ddpm: per-step KL; ddim: per-step RMS of dx_{t-1} where a step has no noise (eta 0)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--ablate", action="store_true",
+                   help="also each configuration with one part in float: " + ", ".join(ABLATIONS))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--calib-n", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of the per-step noise")
@@ -137,11 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-json", default=None)
     p.add_argument("--png", default=None)
     args = p.parse_args(argv)
+    import dataclasses
+
     by_name = {c.name: c for c in CONFIGS}
     names = [s for s in args.configs.split(",") if s]
     bad = [s for s in names if s not in by_name or s == "fp"]
     if bad or not names:
         p.error(f"--configs: unknown or FP configurations {bad}; choose from {[c.name for c in CONFIGS if c.name != 'fp']}")
+    if args.ablate:
+        for base in list(names):
+            for suffix, fields in ABLATIONS.items():
+                by_name[f"{base}+{suffix}"] = dataclasses.replace(by_name[base], name=f"{base}+{suffix}", **fields)
+                names.append(f"{base}+{suffix}")
     if args.n < 1 or args.steps < 1:
         p.error("--n and --steps must be >= 1")
     if args.threads:
@@ -152,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     unet = load_default_unet() if args.weights is None else load_unet(None, args.weights)
     sampler = ptq4dm.make_sampler(args.sampler, num_inference_steps=args.steps,
-                                   schedule=trained_schedule(args.weights))
+                                   schedule=trained_schedule(args.weights),
+                                   **({"eta": args.eta} if args.sampler == "ddim" else {}))
     step = ptq4dm.DiffusionStep(unet, sampler).eval()
     q_steps = {name: quantize_config(step, by_name[name], args.steps, args.calib_n, args.calib_seed,
                                      cache_dir=REPO / ".cache" / "calibration").graph for name in names}
@@ -160,16 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     x_T = torch.randn(step.sample_shape(args.n), generator=g)
     variances: dict[str, list[float]] = {}
     errs = step_errors(step, q_steps, sampler, x_T, g, progress=True, variances=variances)
-    summary = {name: summarize(e) for name, e in errs.items()}
+    deterministic = args.sampler == "ddim" and args.eta == 0
+    summary = {name: summarize(e, deterministic=deterministic) for name, e in errs.items()}
     ts = sampler.timesteps.tolist()
     for name in errs:
         zeroed = [t for t, v, vq in zip(ts, variances["reference"], variances[name]) if v > 1e-12 and vq == 0]
         summary[name]["variance_rounded_to_zero_at_t"] = zeroed
         summary[name]["variance_max_ratio"] = max(
             (vq / v for v, vq in zip(variances["reference"], variances[name]) if v > 1e-12), default=1.0)
-    print(f"{'configuration':<28} {'path KL':>10}  by tenth of the steps (noisiest first){'':>32}last-step RMS")
+    key = "path_mse" if deterministic else "path_kl"
+    fmt = "{:8.2e}" if deterministic else "{:8.2f}"
+    print(f"{'configuration':<44} {key:>10}  by tenth of the steps (noisiest first){'':>32}last-step RMS")
     for name, s in summary.items():
-        print(f"{name:<28} {s['path_kl']:10.2f}  " + " ".join(f"{v:8.2f}" for v in s["by_slice"])
+        print(f"{name:<44} {fmt.format(s[key]):>10}  " + " ".join(fmt.format(v) for v in s["by_slice"])
               + f"  {s['last_step_rms']:.4f}")
     for name, s in summary.items():
         if s["variance_rounded_to_zero_at_t"] or abs(s["variance_max_ratio"] - 1) > 0.05:
