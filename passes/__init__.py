@@ -7,6 +7,7 @@
     solve                MSE (or min-max) range solver -> qparams
     fakequant            the simulated quantized graph
     bias_correct         empirical bias correction of quantized convs / linears (optional, not PTQ4DM's)
+    noise_correct        per-step affine correction of the UNet output (PTQD-style; optional)
     lower                int8 ops (reference on CPU, Triton on CUDA)
 """
 
@@ -18,12 +19,26 @@ from .decompose_attention import DecomposeAttention
 from .fakequant import FakeQuant
 from .lower import Lower
 from .mark import Mark, QuantPolicy
+from .noise_correct import NoiseCorrect
 from .observe import Observe, ReservoirObserver
 from .solve import MSE, MinMax, Solve, TensorReport
 
-DEFAULT_PIPELINE = "decompose_attention,mark,observe,calibrate,solve,fakequant"
+DEFAULT_PIPELINE = "decompose_attention,mark,observe,calibrate,solve,fakequant"   # the paper's passes
+PAPER_PIPELINE = DEFAULT_PIPELINE
+RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",bias_correct{groups=10}"
+
+# Named pipelines for ``ptq4dm.quantize(pipeline=...)``: the passes and the policy they are meant with
+# (an explicit ``policy=`` still wins). "recommended" (opt-in for now) is measured in docs/results.md
+# ("DDIM"): the paper's passes, bias correction per 1/10 of the sampler's steps, conv_in / conv_out
+# in float and the sampler's mean / variance / x_{t-1} at 16 bits. "ptq4dm-paper" is the paper's
+# full setting: every conv / linear / attention matmul and the three outputs at 8 bits.
+PRESETS = {
+    "recommended": (RECOMMENDED_PIPELINE, QuantPolicy(output_bits=16, keep_first_last_fp=True)),
+    "ptq4dm-paper": (PAPER_PIPELINE, QuantPolicy()),
+}
 
 __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "PassManager", "PipelineError", "VerificationError",
            "parse_pipeline", "register_pass", "NDTC", "Uniform", "Single", "RandomNoise", "Calibrate", "BiasCorrect",
            "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Lower", "Mark", "QuantPolicy",
-           "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE"]
+           "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE",
+           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "PRESETS", "NoiseCorrect"]

@@ -20,8 +20,7 @@ import torch
 from ptq4dm.ir.capture import capture
 from ptq4dm.ir.graph import StepGraph
 from ptq4dm.models.step import DiffusionStep
-from ptq4dm.passes import (DEFAULT_PIPELINE, MSE, NDTC, MinMax, PassContext, PassManager, QuantPolicy,
-                           TensorReport)
+from ptq4dm.passes import MSE, NDTC, PRESETS, MinMax, PassContext, PassManager, QuantPolicy, TensorReport
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -104,13 +103,22 @@ def capture_step(step: DiffusionStep, batch: int = 2, device: str | torch.device
 
 
 def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPolicy | None = None,
-             pipeline: str = DEFAULT_PIPELINE, progress: bool = True, cache_dir=None,
+             pipeline: str = "ptq4dm-paper", progress: bool = True, cache_dir=None,
              verify: bool = True, dump_after: tuple[str, ...] = (), dump_dir=None,
              graph: StepGraph | None = None) -> QuantResult:
-    """Run PTQ4DM on ``step``: capture, then ``pipeline`` (default: decompose_attention, mark,
-    observe, calibrate, solve, fakequant). Returns the simulated quantized graph and a report."""
+    """Run PTQ4DM on ``step``: capture, then ``pipeline``, and return the simulated quantized graph
+    and a report. ``pipeline``: a named preset (``ptq4dm.passes.PRESETS``) or a pass list.
+    "ptq4dm-paper" (the default): the paper's full setting (``decompose_attention,mark,observe,
+    calibrate,solve,fakequant``, everything at 8 bits). "recommended": the paper's passes +
+    ``bias_correct{groups=10}``, with conv_in / conv_out in float and mean / variance / x_{t-1} at
+    16 bits unless ``policy`` says otherwise (measured on DDIM in docs/results.md; not yet the
+    default: its table over every sampler is not complete). A pass list runs with ``policy`` or
+    the paper's ``QuantPolicy()``."""
     calibration = calibration or NDTC()
     solver = solver or MSE()
+    if pipeline in PRESETS:
+        pipeline, preset_policy = PRESETS[pipeline]
+        policy = policy or preset_policy
     policy = policy or QuantPolicy()
     step = step.eval()
     t0 = time.perf_counter()

@@ -146,11 +146,11 @@ def test_cli_quantize_then_sample(tmp_path):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["total_error"] <= report["total_error_minmax"]
     assert "summary" in r.stdout and "time per stage" in r.stdout
-    r = run_tool("tools/sample.py", str(out), "--n", "4", "--out", str(tmp_path / "s.png"))
+    r = run_tool("tools/sample.py", str(out), "--n", "4", "--no-lower", "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "s.png").stat().st_size > 100
     r = run_tool("tools/sample.py", str(out), "--n", "2", "--lower", "--out", str(tmp_path / "s8.png"))
-    assert r.returncode == 0 and "lowered to int8 ops" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "lowered (x86)" in r.stdout, r.stderr[-3000:]
 
 
 def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):

@@ -48,19 +48,24 @@ def parse_args(argv):
     q.add_argument("--weight-bits", type=int, default=8)
     q.add_argument("--act-bits", type=int, default=8)
     q.add_argument("--attn-bits", type=int, default=8)
-    q.add_argument("--output-bits", type=int, default=8, help="bits of mean / variance / x_{t-1}")
+    q.add_argument("--pipeline", default="ptq4dm-paper", choices=["recommended", "ptq4dm-paper"],
+                   help="ptq4dm-paper (default): the paper's full setting, all at 8 bits (--demo adds bias_correct{groups=10}); "
+                        "recommended: the paper's passes + bias_correct{groups=10}, conv_in / conv_out in float, "
+                        "mean / variance / x_{t-1} at 16 bits (docs/results.md, DDIM)")
+    q.add_argument("--output-bits", type=int, default=None,
+                   help="bits of mean / variance / x_{t-1} (default: 16 recommended, 8 ptq4dm-paper)")
     q.add_argument("--act-symmetric", action="store_true")
     q.add_argument("--fp-outputs", action="store_true", help="leave mean / variance / x_{t-1} in float")
-    q.add_argument("--keep-first-last-fp", action="store_true")
+    q.add_argument("--keep-first-last-fp", action=argparse.BooleanOptionalAction, default=None,
+                   help="conv_in / conv_out in float (default: on for recommended, off for ptq4dm-paper)")
     q.add_argument("--per-step", action="store_true", help="one activation range per sampler step (beyond the paper)")
     q.add_argument("--share-xt-range", action="store_true",
                    help="convs reading x_t use the range x_{t-1} was quantized to one step earlier (no second rounding)")
     q.add_argument("--bias-correct", action=argparse.BooleanOptionalAction, default=None,
-                   help="append the bias_correct pass: fold each quantized layer's mean error into its bias (not in "
-                        "the paper; --demo: on, with --bias-groups 10; --no-bias-correct: the paper's pipeline)")
+                   help="the bias_correct pass: fold each quantized layer's mean error into its bias (not in the paper; "
+                        "in the recommended pipeline, per 1/10 of the steps; --no-bias-correct removes it)")
     q.add_argument("--bias-groups", type=int, default=None, metavar="G",
-                   help="with --bias-correct: also a correction per 1/G of the sampler's steps (bias_correct{groups=G}); "
-                        "default 1 (--demo: 10)")
+                   help="bias_correct{groups=G}: a correction per 1/G of the sampler's steps (default 10)")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -68,9 +73,12 @@ def parse_args(argv):
     o.add_argument("--sample", type=int, default=16, help="samples to draw for the grid (0: none)")
     o.add_argument("--grid", default=None, help="PNG grid path (default: beside the artifact)")
     o.add_argument("--threads", type=int, default=0)
+    o.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
+                   help="time one step (batch 64) on this machine: FP32 eager, FP32 torch.compile and the int8 graph "
+                        "(lower + compile; cpu: Inductor + oneDNN int8). Default: on with --demo")
     o.add_argument("--no-progress", action="store_true")
     o.add_argument("--demo", action="store_true", help="the README demo: default model, DDPM 100 steps, W8A8 NDTC + MSE + "
-                        "bias_correct{groups=10}, grid + report")
+                        "bias_correct{groups=10}, grid + report + FP32 vs int8 ms per step")
     return p.parse_args(argv), p
 
 
@@ -84,6 +92,37 @@ def check_writable(path: Path) -> None:
         raise SystemExit(f"error: cannot write to {path.parent} ({e.strerror}); choose another --out")
 
 
+def step_speed(step, graph, batch: int = 64, iters: int = 10) -> dict:
+    """Median ms per step of FP32 eager, FP32 compiled and our int8 graph (a lowered, compiled copy
+    of ``graph``), side by side on this machine; the lowering's report."""
+    import copy
+    import statistics
+
+    import torch
+
+    import ptq4dm
+
+    lowered = ptq4dm.StepGraph(copy.deepcopy(graph.gm), graph.example_inputs, dict(graph.meta), graph.dynamic_batch)
+    info = ptq4dm.lower(lowered)
+    fns = {"fp32 eager": step, "fp32 compile": ptq4dm.compile_step(ptq4dm.capture_step(step, batch=batch)),
+           "int8 (ptq4dm)": ptq4dm.compile_step(lowered)}
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(step.sample_shape(batch), generator=g), torch.randn(step.sample_shape(batch), generator=g)
+    t = torch.full((batch,), int(step.sampler.timesteps[0]))
+    out = {}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            for _ in range(3):   # the first call compiles
+                fn(x, t, noise)
+            ts = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn(x, t, noise)
+                ts.append((time.perf_counter() - t0) * 1e3)
+            out[name] = statistics.median(ts)
+    return {"ms": out, "batch": batch, "lower": info}
+
+
 def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
     if args.sampler is None:
@@ -92,17 +131,23 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = 100 if args.demo else 50
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    from ptq4dm.passes import PRESETS
+
+    preset_passes, preset_policy = PRESETS[args.pipeline]
+    if args.output_bits is None:
+        args.output_bits = preset_policy.output_bits
+    if args.keep_first_last_fp is None:
+        args.keep_first_last_fp = preset_policy.keep_first_last_fp
     for f in ("weight_bits", "act_bits", "attn_bits", "output_bits"):
         if not 2 <= getattr(args, f) <= 16:
             parser.error(f"--{f.replace('_', '-')} must be in [2, 16]")
     if args.bias_correct is None:
-        args.bias_correct = args.demo and args.passes is None
-    if args.bias_groups is None:
-        args.bias_groups = 10 if args.demo and args.bias_correct else 1
-    if args.bias_groups < 1:
+        args.bias_correct = "bias_correct" in (args.passes or preset_passes) or (args.demo and args.passes is None)
+    if args.bias_groups is not None and args.bias_groups < 1:
         parser.error("--bias-groups must be >= 1")
-    if args.bias_groups > 1 and not args.bias_correct:
-        parser.error("--bias-groups is an option of --bias-correct: add --bias-correct")
+    if args.bias_groups is not None and not args.bias_correct:
+        parser.error("--bias-groups is an option of bias_correct: add --bias-correct")
+    args.bias_groups = 10 if args.bias_groups is None else args.bias_groups
     model_tag = "mnist" if args.model == "default" else Path(args.model).stem
     out = Path(args.out) if args.out else REPO / "runs" / ("demo" if args.demo else model_tag) / f"{model_tag}-w{args.weight_bits}a{args.act_bits}.ptq4dm.safetensors"
     check_writable(out)
@@ -118,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from ptq4dm.ir.capture import CaptureError
     from ptq4dm.models.loading import WeightsError, load_default_unet, load_unet, trained_schedule
     from ptq4dm.models.unets import ARCHITECTURES
-    from ptq4dm.passes import DEFAULT_PIPELINE, MSE, NDTC, MinMax, PipelineError, QuantPolicy, RandomNoise, Single, Uniform
+    from ptq4dm.passes import MSE, NDTC, MinMax, PipelineError, QuantPolicy, RandomNoise, Single, Uniform
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -150,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                              quantize_outputs=not args.fp_outputs, keep_first_last_fp=args.keep_first_last_fp,
                              timestep_groups=args.steps if args.per_step else 1, share_xt_range=args.share_xt_range)
         stages["load"] = time.perf_counter() - t0
-        pipeline = args.passes or DEFAULT_PIPELINE
-        if args.bias_correct and "bias_correct" not in pipeline:
+        passes_ = [s for s in (args.passes or preset_passes).split(",") if not s.startswith("bias_correct")]
+        pipeline = ",".join(passes_)
+        if args.bias_correct:
             pipeline += ",bias_correct" if args.bias_groups == 1 else f",bias_correct{{groups={args.bias_groups}}}"
         result = ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy,
                                  pipeline=pipeline, progress=not args.no_progress,
@@ -209,6 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     if grid:
         print(f"  samples          {grid} (PSNR vs FP on the same seeds: {report['psnr_vs_fp_db']:.2f} dB)")
     print(f"  report           {out.with_suffix('.report.json')}")
+    if args.speed if args.speed is not None else args.demo:
+        t1 = time.perf_counter()
+        sp = step_speed(step, result.graph)
+        stages["speed"] = time.perf_counter() - t1
+        ms, info = sp["ms"], sp["lower"]
+        bits = f", weights at {info['weight_bits']} bits (no VNNI)" if info.get("weight_bits") == 7 else ""
+        print(f"  speed (batch {sp['batch']}) " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+              + f" per step: int8 {ms['fp32 compile'] / ms['int8 (ptq4dm)']:.2f}x fp32 compile, "
+              f"{ms['fp32 eager'] / ms['int8 (ptq4dm)']:.2f}x fp32 eager ({info['backend']}: {info['counts']}{bits})")
+        report["speed"] = {"batch": sp["batch"], "ms_per_step": ms, "lower_counts": info["counts"]}
+        atomic_write_json(out.with_suffix(".report.json"), report)
     print("  time per stage   " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
     return 0
 

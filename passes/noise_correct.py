@@ -1,0 +1,156 @@
+"""noise_correct: a per-step affine correction of the UNet's output, fitted on the calibration set.
+
+reads:  the quantized graph (after ``fakequant`` / ``bias_correct``); ``ctx.options['calibration_set']``;
+        ``ctx.options['fp_step']`` (the full-precision step, for the target output)
+writes: after the UNet's output node (the prediction the sampler reads: eps, or eps and the
+        variance interpolation v for learned-range models), ``y' = y * a[g] + b[g]`` with ``a``,
+        ``b`` (G, C) tables (buffers ``ptq4dm_nc_scale`` / ``ptq4dm_nc_shift``) gathered by the
+        group g of each sample's t; ``graph.meta['noise_correct']``; ``ctx.results['noise_correct']``
+
+Quantization error in the predicted noise is not independent of the noise: PTQD (He et al.,
+NeurIPS 2023, "PTQD: Accurate Post-Training Quantization for Diffusion Models", Sec. 3.2) finds
+``eps_q ~= (1 + k) eps + b + r`` with r uncorrelated, k and b depending on the step. A
+deterministic sampler (DDIM, eta 0) applies the correlated part at every step in the same
+direction, so it accumulates along the chain where ancestral noise would hide it.
+``bias_correct`` removes each layer's own mean error; this pass removes what is left at the
+output, end to end: per group of sampler steps and per output channel, PTQD's fit of the
+quantized graph's output on the FP UNet's output on the same (x_t, t) of the calibration set,
+``y_q = (1 + k) y + c`` (``1 + k = cov(y_q, y) / var(y)``, clamped to [0.5, 2]), inverted:
+``y' = (y_q - c) / (1 + k)``, so that ``E[y' | y] = y``. (The other regression, y on y_q, is
+the least-squares estimate of each step's y but shrinks it towards its mean, a drift that a
+deterministic chain accumulates: measured worse on DDIM-50, docs/results.md.) Groups with fewer than
+``min_samples`` calibration samples keep the identity. Cost at run time: one fused
+multiply-add on the UNet's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ptq4dm.ir.graph import ROLE, StepGraph
+
+from .base import PassContext, register_pass
+
+aten = torch.ops.aten
+
+
+def unet_output_node(graph: StepGraph) -> fx.Node:
+    """The UNet's prediction as the sampler reads it: the last UNet node that feeds a node outside
+    the UNet, followed through the passes' own elementwise epilogues on it (``bias_correct``'s
+    group tables: ``add(y, table row)``)."""
+    found = None
+    for n in graph.graph.nodes:
+        if n.meta.get(ROLE) == "unet" and n.op == "call_function" and any(u.meta.get(ROLE) != "unet" for u in n.users):
+            found = n
+    if found is None:
+        raise ValueError("noise_correct found no UNet output read by the sampler in this graph; is it a "
+                         "captured step graph (ptq4dm.capture_step)?")
+    while len(found.users) == 1:
+        u = next(iter(found.users))
+        if u.meta.get(ROLE) != "quant" or u.target not in (aten.add.Tensor, aten.mul.Tensor) or u.args[0] is not found:
+            break
+        found = u
+    return found
+
+
+@register_pass
+@dataclass
+class NoiseCorrect:
+    name = "noise_correct"
+    reads = "quantized graph; ctx.options['calibration_set']; ctx.options['fp_step']"
+    writes = "y * a[g] + b[g] after the UNet output, (G, C) tables ptq4dm_nc_scale / ptq4dm_nc_shift"
+    preserves_semantics = False
+
+    groups: int = 10        # groups of sampler steps (clamped to the sampler's step count)
+    batch_size: int = 128
+    seed: int = 0
+    min_samples: int = 10   # a group with fewer calibration samples keeps the identity
+
+    def run(self, graph: StepGraph, ctx: PassContext) -> None:
+        from .calibrate import group_table
+
+        cs, fp_step = ctx.options.get("calibration_set"), ctx.options.get("fp_step")
+        if cs is None or fp_step is None:
+            raise ValueError("noise_correct needs the calibration set and the FP step: run it after 'calibrate' "
+                             "(and 'fakequant') in a ptq4dm.quantize pipeline, e.g. '...,fakequant,noise_correct'")
+        if self.groups < 1:
+            raise ValueError(f"noise_correct groups must be >= 1, got {self.groups}")
+        g, gm = graph.graph, graph.gm
+        sampler = graph.meta["sampler"]
+        G = min(self.groups, sampler.S)
+        table = group_table(sampler, G)
+        node = unet_output_node(graph)
+        device = graph.example_inputs[0].device
+        size = self.batch_size if graph.dynamic_batch else int(graph.example_inputs[0].shape[0])
+        batches = [b for b in cs.batches(size) if graph.dynamic_batch or b[0].shape[0] == size]
+        if ctx.progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="noise_correct", unit="batch", leave=False)
+        seen = {}
+
+        class Capture(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n is node:
+                    seen["y"] = out
+                return out
+
+        stats = None   # (G, C, 5): n, sum q, sum f, sum f^2, sum q f
+        gen = torch.Generator().manual_seed(self.seed)
+        interp = Capture(gm)
+        with torch.no_grad():
+            for x, t in batches:
+                x, t = x.to(device), t.to(device)
+                interp.run(x, t, torch.randn(x.shape, generator=gen).to(device))
+                q = seen.pop("y").double()
+                f = fp_step.unet(x, t)
+                f = (f.sample if hasattr(f, "sample") else f).double()
+                if f.shape != q.shape:
+                    raise ValueError(f"noise_correct: the FP UNet returns {tuple(f.shape)} but the graph's UNet "
+                                     f"output node {node.name} is {tuple(q.shape)}")
+                B, C = q.shape[:2]
+                q, f = q.reshape(B, C, -1), f.reshape(B, C, -1)
+                per = torch.stack([torch.full_like(q[..., 0], q.shape[-1]), q.sum(-1), f.sum(-1), (f * f).sum(-1),
+                                   (q * f).sum(-1)], -1)                                      # (B, C, 5)
+                onehot = torch.nn.functional.one_hot(table[t.cpu()], G).double().to(per.device)   # (B, G)
+                s = torch.einsum("bg,bck->gck", onehot, per)
+                stats = s if stats is None else stats + s
+        n, sq, sf, sff, sqf = stats.unbind(-1)
+        nz = n.clamp(min=1)
+        var_f = sff / nz - (sf / nz) ** 2
+        cov = sqf / nz - (sq / nz) * (sf / nz)
+        gain = torch.where(var_f > 1e-12, cov / var_f.clamp(min=1e-12), torch.ones_like(var_f))   # 1 + k
+        gain = gain.clamp(min=0.5, max=2.0)
+        a = 1.0 / gain                                     # y' = (y - b) / (1 + k)
+        b = -(sq / nz - gain * sf / nz) * a
+        samples = torch.bincount(table[cs.t.cpu()], minlength=G)
+        thin = (samples < self.min_samples).to(a.device)
+        a[thin], b[thin] = 1.0, 0.0
+        dtype = node.meta["val"].dtype if isinstance(node.meta.get("val"), torch.Tensor) else torch.float32
+        gm.register_buffer("ptq4dm_nc_group_of_t", table.to(device))
+        gm.register_buffer("ptq4dm_nc_scale", a.to(dtype).to(device))
+        gm.register_buffer("ptq4dm_nc_shift", b.to(dtype).to(device))
+        rank = node.meta["val"].dim() if isinstance(node.meta.get("val"), torch.Tensor) else 4
+        shape = [-1, int(a.shape[1])] + [1] * (rank - 2)
+        with g.inserting_before(node.next):   # right after the output, in order
+            tab = g.get_attr("ptq4dm_nc_group_of_t")
+            grp = g.call_function(aten.index.Tensor, (tab, [graph.placeholders()[1]]))
+            sa, sb = g.get_attr("ptq4dm_nc_scale"), g.get_attr("ptq4dm_nc_shift")
+            ra = g.call_function(aten.view.default, (g.call_function(aten.index.Tensor, (sa, [grp])), shape))
+            rb = g.call_function(aten.view.default, (g.call_function(aten.index.Tensor, (sb, [grp])), shape))
+            mul = g.call_function(aten.mul.Tensor, (node, ra))
+            new = g.call_function(aten.add.Tensor, (mul, rb))
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not mul)
+        for m in (tab, grp, sa, sb, ra, rb, mul, new, *ra.args, *rb.args):
+            if isinstance(m, fx.Node):
+                m.meta[ROLE] = "quant"
+        if "val" in node.meta:
+            new.meta["val"] = node.meta["val"]
+        gm.recompile()
+        graph.meta["noise_correct"] = {"node": node.name, "groups": G}
+        ctx.results["noise_correct"] = {"node": node.name, "groups": G, "samples_per_group": samples.tolist(),
+                                        "scale": a.tolist(), "shift": b.tolist()}
