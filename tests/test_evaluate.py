@@ -69,11 +69,14 @@ def test_evaluate_small_run(tmp_path, inception_file):
     md.write_text("# R\n\n<!-- quality-table:begin -->\nold\n<!-- quality-table:end -->\n\nkept text\n")
     r = subprocess.run([sys.executable, "tools/evaluate.py", "--n", "6", "--batch", "3", "--steps", "3", "--calib-n", "4", "--calib-seed", "7",
                         "--configs", "fp,ptq4dm-w8a8", "--out-json", str(tmp_path / "q.json"), "--out-md", str(md),
-                        "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file), "--doubt-grid", str(tmp_path / "d.png")], cwd=REPO, capture_output=True, text=True, timeout=900,
+                        "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file), "--doubt-grid", str(tmp_path / "d.png"), "--int8"], cwd=REPO, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "q.json").read_text())
-    assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8"] and data["meta"]["complete"]
+    assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8", "ptq4dm-w8a8-int8"] and data["meta"]["complete"]
+    int8 = data["rows"][2]   # the same graph, lowered and compiled: oneDNN int8 convs and linears on the CPU
+    assert int8["lower"]["backend"] == "x86" and int8["lower"]["counts"]["qconv2d"] > 0
+    assert int8["psnr_vs_fp"] > 10 and "int8 execution (x86" in md.read_text()
     import ptq4dm
     from ptq4dm.models.loading import default_model_card
     assert (data["meta"]["seed"], data["meta"]["calib_seed"]) == (0, 7)  # calibration drawn apart from the samples

@@ -186,7 +186,7 @@ def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
     unfused = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
     ctx = PassContext(progress=False)
     PassManager.from_pipeline("lower{backend=triton}").run(r.graph, ctx)
-    PassManager([Lower(fuse_requant=False)]).run(unfused, PassContext(progress=False))
+    PassManager([Lower(backend="triton", fuse_requant=False)]).run(unfused, PassContext(progress=False))
     counts = ctx.results["lower"]["counts"]
     # q, k, v of every attention go to the int8 matmuls as int8 straight from the linear's epilogue
     assert counts["requant_fused"] == 3 * r.report.counts["attn_matmul"] // 2 > 0

@@ -4,12 +4,21 @@
     python tools/bench.py --models ddpm-cifar10,iddpm-imagenet64 --batches 1,16,64,256      # on a GPU
     python tools/bench.py --models tiny --batches 2 --configs fp32-eager,bf16-eager,ptq4dm-w8a8 --iters 3
 
-Configs: fp32-eager (the paper's baseline), bf16-eager, bf16-compile (torch.compile, channels-last),
-torchao-int8dyn-compile (torchao Int8DynamicActivationInt8WeightConfig + compile), ptq4dm-w8a8
-(our lowered int8 graph; compiled on CUDA). Records: JSON list with device, model, batch, config,
-ms_per_step (median), ms_sample (end-to-end, --chain steps), speedups vs fp32-eager and vs the
-best bf16 config of the same run; a Markdown table; a per-op profile of ours vs bf16; weight
-bytes (fp32, bf16, int8 artifact). A config that fails is recorded with its error, not hidden.
+    python tools/bench.py --models ddpm-cifar10,default --batches "ddpm-cifar10=1,8,32;default=1,64,256" --device cpu
+
+Configs (each times the whole step, UNet + sampler): fp32-eager (the paper's baseline),
+fp32-compile, bf16-eager, bf16-compile (torch.compile, channels-last), torchao-int8dyn-compile
+(torchao Int8DynamicActivationInt8WeightConfig + compile), pt2e-x86-int8 (the CPU anchor:
+torchao's X86InductorQuantizer + prepare_pt2e / convert_pt2e on the UNet, calibrated on the same
+NDTC set, compiled), ptq4dm-w8a8 (ours: ``ptq4dm.quantize`` with its default pipeline, ``lower``
+for the device (x86: Inductor + oneDNN int8; cuda: Triton), compiled). On the CPU every
+compiled config is compiled with Inductor's freezing (weights as constants: what the int8
+rewrites need, and fair to the float ones). Model ``default`` is the shipped MNIST UNet.
+Records: JSON list with device (the CPU model and its ISA flags on the CPU), threads, torch /
+torchao versions, model, batch, config, ms_per_step (median), ms_sample (end-to-end, --chain
+steps), speedups vs fp32-eager, fp32-compile, bf16-compile and pt2e-x86-int8 of the same run;
+a Markdown table; a per-op profile of ours vs bf16; weight bytes (fp32, bf16, int8 artifact).
+A config that fails is recorded with its error, not hidden.
 """
 
 from __future__ import annotations
@@ -29,7 +38,64 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, atomic_write_json, atomic_write_text  # noqa: E402
 
-CONFIGS = ["fp32-eager", "bf16-eager", "bf16-compile", "torchao-int8dyn-compile", "ptq4dm-w8a8"]
+CONFIGS = ["fp32-eager", "fp32-compile", "bf16-eager", "bf16-compile", "torchao-int8dyn-compile", "pt2e-x86-int8",
+           "ptq4dm-w8a8"]
+DEFAULT_CONFIGS = {"cuda": ["fp32-eager", "bf16-eager", "bf16-compile", "torchao-int8dyn-compile", "ptq4dm-w8a8"],
+                   "cpu": ["fp32-eager", "fp32-compile", "bf16-compile", "pt2e-x86-int8", "ptq4dm-w8a8"]}
+RATIO_TO = ("fp32-eager", "fp32-compile", "bf16-compile", "pt2e-x86-int8")
+
+
+def _compile(m, dev, mode=None):
+    """torch.compile; on the CPU with Inductor's freezing and under no_grad, set while it compiles."""
+    fn = torch.compile(m, mode=mode)
+    if dev.type != "cpu":
+        return fn
+
+    def run(*args):
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            return fn(*args)
+    return run
+
+
+class _FloatT(torch.nn.Module):
+    """The UNet with t cast to float before it: PT2E's observers cannot watch an int64 input
+    ("histogram_cpu not implemented for 'Long'"), and the time embedding casts it anyway."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        out = self.unet(x, t.float())
+        return out.sample if hasattr(out, "sample") else out
+
+
+def build_pt2e(step, batch: int, dev, calib_n: int):
+    """PT2E's own x86 flow on the step's UNet: export, X86InductorQuantizer (static, per-channel
+    weights), calibrate on NDTC (x_t, t) pairs of the real FP chain, convert; the step around it."""
+    import ptq4dm
+    from ptq4dm.passes import NDTC, make_calibration_set
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    m = copy.deepcopy(step).to(dev)
+    shape = step.sample_shape(batch)
+    x = torch.randn(shape, device=dev)
+    t = torch.full((batch,), int(step.sampler.timesteps[0]), device=dev)
+    ep = torch.export.export(_FloatT(m.unet), (x, t)).module()
+    q = xiq.X86InductorQuantizer()
+    q.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(ep, q)
+    cs = make_calibration_set(m, m.sampler, NDTC(n=calib_n, batch_size=calib_n), shape, progress=False, device=dev)
+    with torch.no_grad():
+        for i in range(0, cs.x.shape[0], batch):
+            xb, tb = cs.x[i:i + batch].to(dev), cs.t[i:i + batch].to(dev)
+            if xb.shape[0] == batch:   # exported for this batch
+                prepared(xb, tb)
+    converted = convert_pt2e(prepared)
+    step_q = ptq4dm.DiffusionStep(torch.nn.Identity(), m.sampler)
+    step_q.unet = converted   # assigned after construction: an exported module refuses .eval() / .train()
+    return _compile(step_q, dev)
 
 
 def _sync(dev):
@@ -53,18 +119,21 @@ def time_fn(fn, args, dev, warmup: int, iters: int) -> float:
 def build(config: str, step, batch: int, dev, calib_n: int, compile_mode: str | None = None):
     """A callable (x, t, noise) -> outputs for ``config``, and its input dtype / memory format."""
     import ptq4dm
-    from ptq4dm.passes import NDTC, PassContext, PassManager
+    from ptq4dm.passes import NDTC
 
     if config == "fp32-eager":
         m = copy.deepcopy(step).to(dev)
         return m, torch.float32, torch.contiguous_format
+    if config == "fp32-compile":
+        return _compile(copy.deepcopy(step).to(dev), dev, compile_mode), torch.float32, torch.contiguous_format
+    if config == "pt2e-x86-int8":
+        return build_pt2e(step, batch, dev, calib_n), torch.float32, torch.contiguous_format
     if config in ("bf16-eager", "bf16-compile"):
         m = copy.deepcopy(step).to(dev)
         m.unet.to(torch.bfloat16)
         if config == "bf16-compile":
             m.unet.to(memory_format=torch.channels_last)
-            m = torch.compile(m, mode=compile_mode)
-            return m, torch.bfloat16, torch.channels_last
+            return _compile(m, dev, compile_mode), torch.bfloat16, torch.channels_last
         return m, torch.bfloat16, torch.contiguous_format
     if config == "torchao-int8dyn-compile":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -72,16 +141,17 @@ def build(config: str, step, batch: int, dev, calib_n: int, compile_mode: str | 
         m = copy.deepcopy(step).to(dev)
         m.unet.to(torch.bfloat16)
         quantize_(m.unet, Int8DynamicActivationInt8WeightConfig())
-        return torch.compile(m, mode=compile_mode), torch.bfloat16, torch.contiguous_format
+        return _compile(m, dev, compile_mode), torch.bfloat16, torch.contiguous_format
     if config == "ptq4dm-w8a8":
         m = copy.deepcopy(step).to(dev)
         graph = ptq4dm.capture_step(m, batch=max(batch, 2) if batch > 1 else 1, device=dev, dynamic_batch=batch > 1)
         res = ptq4dm.quantize(m, calibration=NDTC(n=calib_n, batch_size=calib_n), progress=False, graph=graph)
-        PassManager.from_pipeline("lower").run(res.graph, PassContext(progress=False))
-        gm = res.graph.gm
+        info = ptq4dm.lower(res.graph)
+        build.last_lower = {"backend": info["backend"], "counts": info["counts"], "kept": len(info["kept"]),
+                            **({"weight_bits": info["weight_bits"]} if "weight_bits" in info else {})}
         if dev.type == "cuda":
-            gm = torch.compile(gm, mode=compile_mode)
-        return gm, torch.float32, torch.contiguous_format
+            return torch.compile(res.graph.gm, mode=compile_mode), torch.float32, torch.contiguous_format
+        return ptq4dm.compile_step(res.graph), torch.float32, torch.contiguous_format
     raise ValueError(f"unknown config {config!r}; known: {CONFIGS}")
 
 
@@ -115,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="ddpm-cifar10")
     p.add_argument("--batches", default="1,16,64,256")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None, help="comma-separated, of: " + ",".join(CONFIGS)
+                   + "; default: " + "; ".join(f"{k}: {','.join(v)}" for k, v in DEFAULT_CONFIGS.items()))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--chain", type=int, default=10, help="sampling steps for the end-to-end time (0: skip)")
@@ -127,25 +199,44 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile mode for the compiled configs; reduce-overhead = CUDA graphs (launch-bound small batches)")
     p.add_argument("--profile", action="store_true", help="per-op profile of ours vs bf16 at the largest batch")
     args = p.parse_args(argv)
-    configs = args.configs.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    configs = args.configs.split(",") if args.configs else DEFAULT_CONFIGS["cuda" if dev.type == "cuda" else "cpu"]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
         p.error(f"unknown configs {bad}; known: {CONFIGS}")
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        p.error("--batches must be comma-separated integers")
-    if min(batches) < 1:
+    models = args.models.split(",")
+    try:   # "1,8,32" for every model, or per model: "ddpm-cifar10=1,8,32;default=1,64,256"
+        if "=" in args.batches:
+            per = dict(part.split("=", 1) for part in args.batches.split(";"))
+            batches_of = {m: [int(b) for b in per[m].split(",")] for m in models}
+        else:
+            batches_of = {m: [int(b) for b in args.batches.split(",")] for m in models}
+    except (ValueError, KeyError) as e:
+        p.error(f"--batches: comma-separated integers, or MODEL=B,B;MODEL=B,B naming every model ({e})")
+    if min(min(v) for v in batches_of.values()) < 1:
         p.error("--batches must be >= 1")
 
     import ptq4dm
 
-    dev = torch.device(args.device)
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    records, extras = [], {"weights": {}, "profile": {}}
-    for model in args.models.split(","):
+    try:
+        import torchao
+        ao_version = torchao.__version__
+    except Exception:
+        ao_version = None
+    if dev.type == "cuda":
+        dev_name, isa = torch.cuda.get_device_name(dev), None
+    else:
+        from ptq4dm.backends.x86 import cpu_isa
+
+        isa = cpu_isa()
+        dev_name = f"{isa['cpu']} ({torch.get_num_threads()} threads)"
+    records, extras = [], {"weights": {}, "profile": {}, "lower": {}}
+    for model in models:
+        batches = batches_of[model]
         torch.manual_seed(0)
-        unet = ptq4dm.build_unet(model).eval()
+        unet = (ptq4dm.load_default_unet() if model == "default" else ptq4dm.build_unet(model)).eval()
         sampler = ptq4dm.make_sampler("ddpm", variance_type="learned_range" if unet.config.out_channels == 2 * unet.config.in_channels else "fixed_small",
                                       num_inference_steps=max(args.chain, 1))
         step = ptq4dm.DiffusionStep(unet, sampler).eval()
@@ -154,16 +245,23 @@ def main(argv: list[str] | None = None) -> int:
             shape = step.sample_shape(batch)
             for config in configs:
                 rec = {"device": dev_name, "model": model, "batch": batch, "config": config,
-                       "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                       "threads": torch.get_num_threads(), **({"isa_flags": isa["flags"]} if isa else {}),
+                       "torch": torch.__version__, "torchao": ao_version, "date": datetime.date.today().isoformat(),
                        "compile_mode": (args.compile_mode or "default") if "compile" in config or config == "ptq4dm-w8a8" else None}
                 try:
                     with torch.no_grad():
+                        build.last_lower = None
                         fn, dtype, fmt = build(config, step, batch, dev, args.calib_n, args.compile_mode)
+                        t_build = time.perf_counter()
                         g = torch.Generator().manual_seed(batch)
                         x = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
                         noise = torch.randn(shape, generator=g).to(dev, dtype).contiguous(memory_format=fmt)
                         t = torch.full((batch,), int(sampler.timesteps[0]), device=dev)
+                        fn(x, t, noise)   # the first call compiles
+                        rec["first_call_s"] = time.perf_counter() - t_build
                         rec["ms_per_step"] = time_fn(fn, (x, t, noise), dev, args.warmup, args.iters)
+                        if build.last_lower:
+                            rec["lower"] = build.last_lower
                         if args.chain:
                             def chain(x0):
                                 xc = x0
@@ -184,24 +282,32 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         same = {q["config"]: q.get("ms_per_step") for q in records if q["model"] == r["model"] and q["batch"] == r["batch"]}
         if r.get("ms_per_step"):
-            if same.get("fp32-eager"):
-                r["speedup_vs_fp32_eager"] = same["fp32-eager"] / r["ms_per_step"]
+            for ref in RATIO_TO:
+                if same.get(ref):
+                    r[f"speedup_vs_{ref.replace('-', '_')}"] = same[ref] / r["ms_per_step"]
             bf16 = [v for k, v in same.items() if k.startswith("bf16") and v]
             if bf16:
                 r["speedup_vs_best_bf16"] = min(bf16) / r["ms_per_step"]
-    out_json = Path(args.out_json) if args.out_json else REPO / "docs" / "results" / f"bench-{dev_name.split(' (')[0].replace(' ', '_')}.json"
+    default_name = f"bench-{dev_name.split(' (')[0].replace(' ', '_')}.json" if dev.type == "cuda" else "bench-cpu.json"
+    out_json = Path(args.out_json) if args.out_json else REPO / "docs" / "results" / default_name
     atomic_write_json(out_json, records)
     atomic_write_json(out_json.with_suffix(".extras.json"), extras)
     command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"Device {dev_name}, torch {torch.__version__}, {datetime.date.today().isoformat()}. Command: `{command}`", "",
-             "| model | batch | config | ms / step | ms / sample chain | vs fp32 eager | vs best bf16 |", "|---|---|---|---|---|---|---|"]
+    isa_s = f", ISA {' '.join(isa['flags'])}" if isa else ""
+    lines = [f"Device {dev_name}{isa_s}, torch {torch.__version__}, torchao {ao_version}, "
+             f"{datetime.date.today().isoformat()}. Command: `{command}`", "",
+             "| model | batch | config | ms / step | ms / sample chain | vs fp32 eager | vs fp32 compile | vs bf16 compile | vs pt2e int8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(r, ref):
+        v = r.get(f"speedup_vs_{ref.replace('-', '_')}")
+        return f"{v:.2f}x" if v else "—"
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error'][:80]} | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['ms_per_step']:.3f} | "
-                     f"{r.get('ms_sample', float('nan')):.1f} | {r.get('speedup_vs_fp32_eager', float('nan')):.2f}x | "
-                     f"{r.get('speedup_vs_best_bf16', float('nan')):.2f}x |")
+                     f"{r.get('ms_sample', float('nan')):.1f} | " + " | ".join(ratio(r, ref) for ref in RATIO_TO) + " |")
     lines += ["", "| model | params | fp32 bytes | bf16 bytes | int8 artifact bytes |", "|---|---|---|---|---|"]
     for m, w in extras["weights"].items():
         lines.append(f"| {m} | {w['params']:,} | {w['fp32_bytes']:,} | {w['bf16_bytes']:,} | {w['int8_artifact_bytes']:,} |")

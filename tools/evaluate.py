@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-json", default=str(REPO / "docs" / "results" / "quality.json"))
     p.add_argument("--out-md", default=str(REPO / "docs" / "results.md"))
     p.add_argument("--grid", default=str(REPO / "docs" / "img" / "samples.png"))
+    p.add_argument("--int8", action="store_true",
+                   help="after each quantized configuration, a row for its int8 execution: the same graph through "
+                        "ptq4dm.lower + ptq4dm.compile_step (CPU: Inductor + oneDNN int8; CUDA: Triton)")
     p.add_argument("--doubt-grid", default=None, metavar="PNG",
                    help="also draw the FP samples the classifier is least sure of, beside confident ones and the "
                         "least sure real digits, each captioned with its predicted digit and confidence")
@@ -309,10 +312,23 @@ def main(argv: list[str] | None = None) -> int:
         return {"inception_fid": frechet_distance(st["feat"], real_inc["feat"]),
                 "inception_is": inception_score_from_probs(st["probs"])}
 
-    rows, samples, labels = [], {}, {}
-    for cfg in configs:
+    runs = [(c, False) for c in configs]
+    if args.int8:
+        runs = [r for c in configs for r in ([(c, False)] + ([(c, True)] if c.name != "fp" else []))]
+        configs = [c for c, _ in runs]
+    rows, samples, labels, shown = [], {}, {}, []
+    res = None
+    for cfg, int8 in runs:
         t0 = time.perf_counter()
-        if cfg.name == "fp":
+        if int8:   # the graph just sampled as fake-quant, lowered and compiled
+            info = ptq4dm.lower(res.graph)
+            fn = ptq4dm.compile_step(res.graph)
+            cfg = dataclasses.replace(cfg, name=cfg.name + "-int8", label=cfg.label + f" — int8 execution ({info['backend']}"
+                                      + (f", weights at {info['weight_bits']} bits" if info.get("weight_bits", 8) != 8 else "") + ")")
+            with torch.no_grad():
+                x = draw(fn, cfg.name)
+            qinfo = {"lower": {k: v for k, v in info.items() if k != "kept"}, "kept_in_float": len(info["kept"])}
+        elif cfg.name == "fp":
             with torch.no_grad():
                 x = draw(step, cfg.name)
             qinfo = {}
@@ -339,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.doubt_grid:
                 grid_png(doubt_rows(x, s["logits"].softmax(1), real, real_probs), Path(args.doubt_grid))
         samples[cfg.name], labels[cfg.name] = x, pred
+        shown.append(cfg)
         rows.append(row)
         print(f"{cfg.name:<26} FID {row['fid']:8.3f}  sFID {row['sfid']:8.3f}  IS {row['is']:6.3f}  "
               f"conf>=0.9 {row['confident_frac']:.3f}  classes {row['classes']}  "
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(rows, final=False)  # a run cut short keeps the rows it finished
 
     table = write_outputs(rows, final=True)
-    grid_rows = [(c.label[:38], samples[c.name][:16]) for c in configs]
+    grid_rows = [(c.label[:38], samples[c.name][:16]) for c in shown]
     grid_png(grid_rows, Path(args.grid))
     print(f"\nwrote {args.out_json}, {args.out_md}, {args.grid}" + (f", {args.doubt_grid}" if args.doubt_grid else ""))
     print(table)

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="PNG path (default: beside the artifact)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--lower", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the int8 lower pass (default: on for cuda, off for cpu, where the int8 ops are the slow "
-                        "integer-exact reference)")
+                   help="lower to int8 and compile (cpu: Inductor + oneDNN int8, cuda: Triton); default on for cuda, "
+                        "off for cpu (the first step compiles, tens of seconds); --no-lower samples the fake-quant graph")
     p.add_argument("--check-weights", default=None,
                    help="FP weights the artifact must have been made from ('default' or a path)")
     args = p.parse_args(argv)
@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lower = args.lower if args.lower is not None else device == "cuda"
+    fn = graph
     if lower:
-        from ptq4dm.passes import PassContext, PassManager
-
-        ctx = PassContext(progress=False)
-        PassManager.from_pipeline("lower").run(graph, ctx)
-        print(f"lowered to int8 ops: {ctx.results['lower']['counts']}")
-    x = ptq4dm.sample(graph, step.sampler, step.sample_shape(args.n), seed=args.seed, device=device, progress=True)
+        info = ptq4dm.lower(graph)
+        print(f"lowered ({info['backend']}): {info['counts']}; kept in float: {len(info['kept'])}"
+              + (f"; weights at {info['weight_bits']} bits" if "weight_bits" in info else ""))
+        fn = ptq4dm.compile_step(graph)
+    x = ptq4dm.sample(fn, step.sampler, step.sample_shape(args.n), seed=args.seed, device=device, progress=True)
     out = Path(args.out) if args.out else Path(args.artifact).with_suffix(".samples.png")
     pol = header["policy"]
     grid_png([(f"W{pol['weight_bits']}A{pol['act_bits']} ({'int8 ops' if lower else 'fake-quant'})", x.float().cpu())], out)
