@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with torch.no_grad():
                         build.last_lower = None
+                        torch._dynamo.reset()   # each config compiles afresh for its batch (no dynamic-shape
+                        #                         recompile of the previous batch's frozen graph)
                         fn, dtype, fmt = build(config, step, batch, dev, args.calib_n, args.compile_mode)
                         t_build = time.perf_counter()
                         g = torch.Generator().manual_seed(batch)
