@@ -94,14 +94,16 @@ class BiasCorrect:
             raise ValueError("bias_correct found no fake-quantized conv / linear weights: run 'fakequant' before it")
         if self.groups < 1:
             raise ValueError(f"bias_correct groups must be >= 1, got {self.groups}")
+        from ptq4dm import distributed as dist
+
         G = self.groups
         table = None
         if G > 1:
             from .calibrate import group_table
 
             table = group_table(graph.meta["sampler"], G)
-        sums = {n: 0.0 for n in layers}      # (G, C) sums of y_q - y, by the group of each sample's t
-        counts = {n: 0 for n in layers}      # elements per channel, per group: (G,)
+        index = {n: i for i, n in enumerate(layers)}
+        cur: dict = {}   # this batch: layer index -> ((G, C) sums of y_q - y by the group of each sample's t, (G,) counts)
         state = {}
 
         class Measure(fx.Interpreter):
@@ -118,24 +120,39 @@ class BiasCorrect:
                     d = d if conv else d.reshape(d.shape[0], -1, d.shape[-1]).transpose(1, 2)   # (B, C, ...)
                     per_sample = d.reshape(d.shape[0], d.shape[1], -1).sum(-1)                 # (B, C)
                     onehot = torch.nn.functional.one_hot(state["group"], G).double()           # (B, G)
-                    sums[n] = sums[n] + onehot.T.to(d.device) @ per_sample
-                    counts[n] = counts[n] + onehot.sum(0).to(d.device) * (d[0, 0].numel())
+                    cur[index[n]] = ((onehot.T.to(d.device) @ per_sample).cpu(),
+                                     (onehot.sum(0).to(d.device) * (d[0, 0].numel())).cpu())
                 return out
 
         device = graph.example_inputs[0].device
         size = self.batch_size if graph.dynamic_batch else int(graph.example_inputs[0].shape[0])
         batches = [b for b in cs.batches(size) if graph.dynamic_batch or b[0].shape[0] == size]
-        if ctx.progress:
-            from tqdm import tqdm
+        mine = dist.my_batches(batches)   # batch b on rank b % world_size; sums added in batch order below
 
-            batches = tqdm(batches, desc="bias_correct", unit="batch", leave=False)
-        gen = torch.Generator().manual_seed(self.seed)
-        interp = Measure(gm, garbage_collect_values=False)
-        with torch.no_grad():
-            for x, t in batches:
-                noise = torch.randn(x.shape, generator=gen)
-                state["group"] = table[t.cpu()] if table is not None else torch.zeros(len(t), dtype=torch.long)
-                interp.run(x.to(device), t.to(device), noise.to(device))
+        def measure() -> dict:
+            it = mine
+            if ctx.progress:
+                from tqdm import tqdm
+
+                it = tqdm(mine, desc="bias_correct", unit="batch", leave=False)
+            interp = Measure(gm, garbage_collect_values=False)
+            out = {}
+            with torch.no_grad():
+                for b, (x, t) in it:
+                    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(dist.batch_seed(self.seed, b)))
+                    state["group"] = table[t.cpu()] if table is not None else torch.zeros(len(t), dtype=torch.long)
+                    cur.clear()
+                    interp.run(x.to(device), t.to(device), noise.to(device))
+                    out[b] = dict(cur)
+            return out
+
+        per_batch = dist.gather_batches("bias_correct", measure)
+        sums = {n: 0.0 for n in layers}
+        counts = {n: 0 for n in layers}
+        for part in per_batch.values():
+            for n, i in index.items():
+                sums[n] = sums[n] + part[i][0].to(device)
+                counts[n] = counts[n] + part[i][1].to(device)
         shifts = []
         corrected = {}   # original bias target (or "<layer>:no-bias") -> its corrected buffer, for the artifact
         tables, table_names = {}, {}

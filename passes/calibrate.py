@@ -148,7 +148,7 @@ def snap_to_sampler(t_cont: torch.Tensor, sampler) -> torch.Tensor:
 
 
 def cache_key(model_hash: str, sampler_cfg: dict, calib) -> str:
-    blob = json.dumps({"model": model_hash, "sampler": sampler_cfg, "calib": asdict(calib), "v": 1}, sort_keys=True)
+    blob = json.dumps({"model": model_hash, "sampler": sampler_cfg, "calib": asdict(calib), "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -160,53 +160,72 @@ def default_cache_dir() -> Path:
 def make_calibration_set(fp_step: Callable, sampler, calib, shape: tuple[int, ...], progress: bool = True,
                          cache_dir: Path | None = None, model_hash: str | None = None,
                          device: str | torch.device = "cpu") -> CalibrationSet:
-    """Build (or load from the cache) the calibration set of ``calib`` for this model and sampler."""
+    """Build (or load from the cache) the calibration set of ``calib`` for this model and sampler.
+
+    The timesteps come from ``calib.seed``; batch ``b`` (``calib.batch_size`` samples, its chain
+    run to the last step any of them needs) draws x_T and its noise from its own seed
+    (``distributed.batch_seed(calib.seed, b)``), so inside a torch.distributed group every rank
+    runs its share of the batches and the gathered set is the one a single process builds. Only
+    rank 0 writes the cache."""
+    from ptq4dm import distributed as dist
+
     calib.validate()
     path = None
     if cache_dir is not None and model_hash is not None:
         path = Path(cache_dir) / f"calib-{calib.kind}-{cache_key(model_hash, sampler.config(), calib)}.safetensors"
-        if path.exists():
+        if all(dist.agree("calibration cache lookup", path.exists)):
             from safetensors.torch import load_file
 
             d = load_file(str(path))
             return CalibrationSet(d["x"], d["t"], d["step"], {"cache": str(path), "cached": True, **asdict(calib)})
     gen = torch.Generator().manual_seed(calib.seed)
     steps = snap_to_sampler(calib.draw(sampler, gen), sampler)
-    xs = torch.empty((calib.n, *shape[1:]))
     C = shape[1:]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    batches = [steps[i:i + calib.batch_size] for i in range(0, calib.n, calib.batch_size)]
+    mine = dist.my_batches(batches)
 
-        total = sum(int(steps[i:i + calib.batch_size].max()) + 1 for i in range(0, calib.n, calib.batch_size))
-        bar = tqdm(total=total if calib.kind != "random" else calib.n, desc=f"calibration ({calib.kind})",
-                   unit="step" if calib.kind != "random" else "sample", leave=False)
-    for b0 in range(0, calib.n, calib.batch_size):
-        bsteps = steps[b0:b0 + calib.batch_size]
-        nb = bsteps.numel()
-        x = torch.randn((nb, *C), generator=gen)
-        if calib.kind == "random":
-            xs[b0:b0 + nb] = x
-            if bar:
-                bar.update(nb)
-            continue
-        last = int(bsteps.max())
-        for i, t_val in enumerate(sampler.timesteps[: last + 1].tolist()):
-            hit = bsteps == i
-            if hit.any():
-                xs[b0:b0 + nb][hit] = x[hit].cpu()
-            if i == last:
-                break
-            t = torch.full((nb,), t_val, dtype=torch.long)
-            noise = torch.randn(x.shape, generator=gen)
-            x = fp_step(x.to(device), t.to(device), noise.to(device))[0].float().cpu()
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+    def chains() -> dict[int, torch.Tensor]:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = sum(int(bs.max()) + 1 for _, bs in mine) if calib.kind != "random" else sum(bs.numel() for _, bs in mine)
+            who = f" rank {dist.rank()}/{dist.world_size()}" if dist.world_size() > 1 else ""
+            bar = tqdm(total=total, desc=f"calibration ({calib.kind}){who}",
+                       unit="step" if calib.kind != "random" else "sample", leave=False)
+        out = {}
+        for b, bsteps in mine:
+            g = torch.Generator().manual_seed(dist.batch_seed(calib.seed, b))
+            nb = bsteps.numel()
+            x = torch.randn((nb, *C), generator=g)
+            if calib.kind == "random":
+                out[b] = x
+                if bar:
+                    bar.update(nb)
+                continue
+            xb = torch.empty((nb, *C))
+            last = int(bsteps.max())
+            for i, t_val in enumerate(sampler.timesteps[: last + 1].tolist()):
+                hit = bsteps == i
+                if hit.any():
+                    xb[hit] = x[hit].cpu()
+                if i == last:
+                    break
+                t = torch.full((nb,), t_val, dtype=torch.long)
+                noise = torch.randn(x.shape, generator=g)
+                x = fp_step(x.to(device), t.to(device), noise.to(device))[0].float().cpu()
+                if bar:
+                    bar.update(1)
+            out[b] = xb
+        if bar:
+            bar.close()
+        return out
+
+    parts = dist.gather_batches("calibration chains", chains)
+    xs = torch.cat([parts[b] for b in range(len(batches))])
     t = sampler.timesteps[steps].long()
     cs = CalibrationSet(xs, t, steps.long(), {"cache": str(path) if path else None, "cached": False, **asdict(calib)})
-    if path is not None:
+    if path is not None and dist.is_main():
         from safetensors.torch import save_file
 
         from ptq4dm.ir.serialize import atomic_write
@@ -239,6 +258,8 @@ class Calibrate:
                                       progress=ctx.progress, cache_dir=ctx.options.get("cache_dir"),
                                       model_hash=ctx.options.get("model_hash"))
             ctx.options["calibration_set"] = cs
+        from ptq4dm import distributed as dist
+
         obs = observers(graph)
         if not obs:
             raise ValueError("calibrate found no observers: run 'mark,observe' before it")
@@ -247,25 +268,35 @@ class Calibrate:
             o.state = state
         groups = int(graph.meta.get("timestep_groups", 1))
         table = group_table(graph.meta["sampler"], groups) if groups > 1 else None
-        gen = torch.Generator().manual_seed(self.seed)
         device = graph.example_inputs[0].device
         # a static graph (e.g. the batch-1 capture) takes exactly its captured batch size
         size = self.batch_size if graph.dynamic_batch else int(graph.example_inputs[0].shape[0])
         batches = [b for b in cs.batches(size) if graph.dynamic_batch or b[0].shape[0] == size]
-        if ctx.progress:
-            from tqdm import tqdm
+        mine = dist.my_batches(batches)   # batch b runs on rank b % world_size; its noise and keys from (seed, b)
 
-            batches = tqdm(batches, desc="observe", unit="batch", leave=False)
-        with torch.no_grad():
-            for x, t in batches:
-                noise = torch.randn(x.shape, generator=gen)
-                if x.shape[0] == 1 and graph.dynamic_batch:
-                    x, t, noise = x.repeat(2, 1, 1, 1), t.repeat(2), noise.repeat(2, 1, 1, 1)
-                state["t"] = t
-                if table is not None:
-                    state["group"] = table[t.cpu()]
-                graph.gm(x.to(device), t.to(device), noise.to(device))
+        def observe() -> dict:
+            it = mine
+            if ctx.progress:
+                from tqdm import tqdm
+
+                it = tqdm(mine, desc="observe", unit="batch", leave=False)
+            with torch.no_grad():
+                for b, (x, t) in it:
+                    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(dist.batch_seed(self.seed, b)))
+                    if x.shape[0] == 1 and graph.dynamic_batch:
+                        x, t, noise = x.repeat(2, 1, 1, 1), t.repeat(2), noise.repeat(2, 1, 1, 1)
+                    state["t"], state["batch"] = t, b
+                    if table is not None:
+                        state["group"] = table[t.cpu()]
+                    graph.gm(x.to(device), t.to(device), noise.to(device))
+            return {k: o.export() for k, o in obs.items()}
+
+        exported = dist.agree("calibrate (observers)", observe)
+        for k, o in obs.items():   # the merge, in rank order; one process: its own statistics, sorted
+            o.absorb([e[k] for e in exported])
+        state.pop("batch", None)
         ctx.results["calibration"] = {"n": int(cs.x.shape[0]), "timesteps": cs.t, "config": cs.config,
+                                      "world_size": dist.world_size(),
                                       "observer_bytes": sum(o.nbytes() for o in obs.values())}
         if table is not None:
             per_group = torch.bincount(table[cs.t.cpu()], minlength=groups)

@@ -65,6 +65,14 @@ class GroupedObserver(nn.Module):
             part(x[g.to(x.device) == i])
         return x
 
+    def export(self) -> dict:
+        return {"all": self.all.export(), "parts": [p.export() for p in self.parts]}
+
+    def absorb(self, states: list[dict]) -> None:
+        self.all.absorb([s["all"] for s in states])
+        for i, p in enumerate(self.parts):
+            p.absorb([s["parts"][i] for s in states])
+
     @property
     def min(self):
         return self.all.min
@@ -78,16 +86,21 @@ class GroupedObserver(nn.Module):
 
 
 class ReservoirObserver(nn.Module):
-    """Identity that records min / max and a bounded uniform sample of what flows through."""
+    """Identity that records min / max and a bounded uniform sample of what flows through.
+
+    The sample is the ``capacity`` values with the smallest random keys (float64). When the
+    calibrate pass sets ``state['batch']``, a batch's keys come from ``(seed, batch)`` alone: the
+    sample is then the same however batches are ordered or split over processes, and
+    ``export`` / ``absorb`` merge observers from several ranks into the one a single process has."""
 
     def __init__(self, key: str, capacity: int = 65536, seed: int = 0):
         super().__init__()
-        self.key, self.capacity = key, capacity
+        self.key, self.capacity, self.seed = key, capacity, seed
         self.gen = torch.Generator().manual_seed(seed)
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
         self.sample = torch.empty(0)
-        self.keys = torch.empty(0)
+        self.keys = torch.empty(0, dtype=torch.float64)
         self.seen = 0
         self.enabled = True
         self.state: dict = {}
@@ -104,10 +117,15 @@ class ReservoirObserver(nn.Module):
             mn, mx = v.min(), v.max()
             self.min = mn if self.min is None else torch.minimum(self.min, mn)
             self.max = mx if self.max is None else torch.maximum(self.max, mx)
+            gen = self.gen
+            if "batch" in self.state:
+                from ptq4dm.distributed import batch_seed
+
+                gen = torch.Generator().manual_seed(batch_seed(self.seed, int(self.state["batch"])))
             if v.numel() > self.capacity:
                 # a uniform subsample of this batch first (O(capacity), not a sort of every value)
-                v = v[torch.randint(v.numel(), (self.capacity,), generator=self.gen)]
-            keys = torch.rand(v.numel(), generator=self.gen)
+                v = v[torch.randint(v.numel(), (self.capacity,), generator=gen)]
+            keys = torch.rand(v.numel(), generator=gen, dtype=torch.float64)
             allk, allv = torch.cat([self.keys, keys]), torch.cat([self.sample, v])
             if allk.numel() > self.capacity:
                 allk, idx = torch.topk(allk, self.capacity, largest=False)
@@ -117,7 +135,23 @@ class ReservoirObserver(nn.Module):
         return x
 
     def nbytes(self) -> int:
-        return self.sample.numel() * 4 + self.keys.numel() * 4
+        return self.sample.numel() * 4 + self.keys.numel() * 8
+
+    def export(self) -> dict:
+        return {"min": self.min, "max": self.max, "keys": self.keys, "sample": self.sample, "seen": self.seen}
+
+    def absorb(self, states: list[dict]) -> None:
+        """Become the merge of ``states`` (``export()`` of observers that saw disjoint batches):
+        exact min / max, the ``capacity`` smallest keys of all, sorted by key."""
+        mins = [s["min"] for s in states if s["min"] is not None]
+        maxs = [s["max"] for s in states if s["max"] is not None]
+        self.min = torch.stack(mins).min() if mins else None
+        self.max = torch.stack(maxs).max() if maxs else None
+        keys = torch.cat([s["keys"].reshape(-1).double() for s in states])
+        vals = torch.cat([s["sample"].reshape(-1) for s in states])
+        keys, idx = torch.topk(keys, min(self.capacity, keys.numel()), largest=False, sorted=True)
+        self.keys, self.sample = keys, vals[idx]
+        self.seen = sum(int(s["seen"]) for s in states)
 
 
 def qtensors(graph: StepGraph) -> list[QTensor]:

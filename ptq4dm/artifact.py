@@ -33,8 +33,17 @@ def _weight_param_name(graph: StepGraph, node_name: str) -> str:
 
 
 def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict[str, Any] | None = None) -> int:
-    """Write the artifact of ``result`` (made from ``step``). Returns its size in bytes."""
+    """Write the artifact of ``result`` (made from ``step``). Returns its size in bytes. Inside a
+    torch.distributed group only rank 0 writes (the others return 0); the header records the
+    calibration's ``world_size``."""
     import ptq4dm
+    from ptq4dm import distributed
+
+    if not distributed.is_main():
+        return 0
+    extra = dict(extra or {})
+    extra["calibration"] = {**extra.get("calibration", {}),
+                            "world_size": int(result.report.calibration.get("world_size", 1))}
 
     graph, qparams = result.fp_graph, result.graph.meta["qparams"]
     policy: QuantPolicy = result.graph.meta["report"].policy_obj

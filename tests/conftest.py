@@ -34,10 +34,12 @@ def cifar_unet():
 def load_tool(name: str):
     """Import tools/<name>.py (a script, not a package module) for calling its functions in a test."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"ptq4dm_{name}_tool", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod   # dataclasses in the tool look their module up here
     spec.loader.exec_module(mod)
     return mod

@@ -44,9 +44,11 @@ def test_calibration_pairs_equal_the_samplers_real_inputs(tiny_unet, kind, kw):
     calib = NDTC(n=12, batch_size=12, seed=3)
     cs = make_calibration_set(step, step.sampler, calib, (12, 1, 8, 8), progress=False)
     assert set(cs.t.tolist()) <= set(step.sampler.timesteps.tolist())
-    # Replay: same seed, same draw order (steps first, then x_T, then per-step noise).
-    g = torch.Generator().manual_seed(calib.seed)
-    calib.draw(step.sampler, g)
+    # Replay: the timesteps come from the seed; batch 0 (all 12) draws x_T, then each step's
+    # noise, from its own generator (distributed.batch_seed), whichever rank runs it.
+    from ptq4dm.distributed import batch_seed
+
+    g = torch.Generator().manual_seed(batch_seed(calib.seed, 0))
     x_T = torch.randn((12, 1, 8, 8), generator=g)
     seen = {}
     with torch.no_grad():

@@ -177,9 +177,10 @@ def doubt_rows(x: torch.Tensor, probs: torch.Tensor, real: torch.Tensor, real_pr
             (f"real digits, least sure of {real.shape[0]}", *pick(real, real_probs, real_least))]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=200, help="samples per configuration")
+    p.add_argument("--samples", "--n", dest="n", type=int, default=200,
+                   help="samples per configuration (under torchrun write --samples: torchrun's parser rejects --n)")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--steps", type=int, default=50)
@@ -209,9 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doubt-grid", default=None, metavar="PNG",
                    help="also draw the FP samples the classifier is least sure of, beside confident ones and the "
                         "least sure real digits, each captioned with its predicted digit and confidence")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.n < 2:
-        p.error("--n must be >= 2 (FID needs a covariance)")
+        p.error("--samples must be >= 2 (FID needs a covariance)")
     if args.sampler == "ddpm" and args.eta is not None:
         p.error("--eta is a DDIM option; with --sampler ddpm choose --variance, or use --sampler ddim")
     if args.sampler == "ddim" and args.variance is not None:
@@ -229,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in CONFIGS if c.name in names]
 
     import ptq4dm
+    from ptq4dm import distributed
     from ptq4dm.models.classifier import load_classifier
     from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
     from ptq4dm.models.metrics import (InceptionNet, classifier_stats, frechet_distance, inception_score,
@@ -236,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "tools"))
     from train import load_digits
 
+    # torchrun (WORLD_SIZE > 1): each rank samples every world_size-th batch and calibrates its share;
+    # the samples are gathered in batch order, so every number is the single-process one; rank 0 writes
+    distributed.init_from_env()
+    if distributed.world_size() > 1 and args.device == "cuda":
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    main_rank = distributed.is_main()
     dev = torch.device(args.device)
     unet = (load_default_unet() if args.weights is None else load_unet(None, args.weights)).to(dev)
     skw = {"eta": args.eta} if args.sampler == "ddim" else {"variance_type": args.variance}
@@ -258,20 +271,29 @@ def main(argv: list[str] | None = None) -> int:
     shape = step.sample_shape(1)[1:]
 
     def draw(fn, label):
-        outs = []
         from tqdm import tqdm
 
-        for b, i in enumerate(tqdm(range(0, args.n, args.batch), desc=f"sample {label}", unit="batch", leave=False)):
-            nb = min(args.batch, args.n - i)
-            outs.append(ptq4dm.sample(fn, sampler, (nb, *shape), seed=args.seed + b, device=dev).float().cpu())
-        return torch.cat(outs)
+        starts = list(range(0, args.n, args.batch))
+        mine = distributed.my_batches(starts)   # batch b (seed + b) on rank b % world_size
+
+        def share():
+            out = {}
+            for b, i in tqdm(mine, desc=f"sample {label}", unit="batch", leave=False):
+                nb = min(args.batch, args.n - i)
+                out[b] = ptq4dm.sample(fn, sampler, (nb, *shape), seed=args.seed + b, device=dev).float().cpu()
+            return out
+
+        parts = distributed.gather_batches(f"sample {label}", share)
+        return torch.cat([parts[b] for b in range(len(starts))])
 
     cs = args.seed if args.calib_seed is None else args.calib_seed
     cache = REPO / ".cache" / "calibration"
     def write_outputs(rows, final: bool) -> str:
+        if not main_rank:
+            return ""
         fp_fid = rows[0]["fid"]
         command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        meta = {"date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
+        meta = {"world_size": distributed.world_size(), "date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
                 "real_confident_frac": real_confident, "sampler": sampler.config(), "calib_n": args.calib_n, "seed": args.seed, "calib_seed": cs, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
         atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
@@ -352,20 +374,23 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": time.perf_counter() - t0, **qinfo}
         if cfg.name == "fp":
             row["unconfident_by_predicted_digit"] = torch.bincount(pred[conf < 0.9], minlength=10).tolist()
-            if args.doubt_grid:
+            if args.doubt_grid and main_rank:
                 grid_png(doubt_rows(x, s["logits"].softmax(1), real, real_probs), Path(args.doubt_grid))
         samples[cfg.name], labels[cfg.name] = x, pred
         shown.append(cfg)
         rows.append(row)
-        print(f"{cfg.name:<26} FID {row['fid']:8.3f}  sFID {row['sfid']:8.3f}  IS {row['is']:6.3f}  "
-              f"conf>=0.9 {row['confident_frac']:.3f}  classes {row['classes']}  "
-              f"PSNR {row['psnr_vs_fp'] if row['psnr_vs_fp'] is not None else float('nan'):6.2f}  "
-              f"digit differs {row['label_changed_vs_fp'] if row['label_changed_vs_fp'] is not None else float('nan'):.3f}  "
-              f"({row['seconds']:.0f}s)",
-              flush=True)
+        if main_rank:
+            print(f"{cfg.name:<26} FID {row['fid']:8.3f}  sFID {row['sfid']:8.3f}  IS {row['is']:6.3f}  "
+                f"conf>=0.9 {row['confident_frac']:.3f}  classes {row['classes']}  "
+                f"PSNR {row['psnr_vs_fp'] if row['psnr_vs_fp'] is not None else float('nan'):6.2f}  "
+                f"digit differs {row['label_changed_vs_fp'] if row['label_changed_vs_fp'] is not None else float('nan'):.3f}  "
+                f"({row['seconds']:.0f}s)",
+                flush=True)
         write_outputs(rows, final=False)  # a run cut short keeps the rows it finished
 
     table = write_outputs(rows, final=True)
+    if not main_rank:
+        return 0
     grid_rows = [(c.label[:38], samples[c.name][:16]) for c in shown]
     grid_png(grid_rows, Path(args.grid))
     print(f"\nwrote {args.out_json}, {args.out_md}, {args.grid}" + (f", {args.doubt_grid}" if args.doubt_grid else ""))
@@ -374,4 +399,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ptq4dm import distributed
+    try:
+        rc = main()
+    except distributed.RankFailed as e:
+        print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        distributed.shutdown()
+    sys.exit(rc)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, atomic_write_json, atomic_write_text  # noqa: E402
 
 
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="default",
@@ -39,8 +39,12 @@ def parse_args(argv):
     c.add_argument("--calibration", default="ndtc", choices=["ndtc", "uniform", "single", "random"])
     c.add_argument("--mu", type=float, default=0.4, help="NDTC mean, fraction of T (paper: <= 0.5)")
     c.add_argument("--sigma", type=float, default=0.5, help="NDTC std, fraction of T (paper: 0.5)")
-    c.add_argument("--n", type=int, default=256, help="calibration samples (paper: 1024)")
+    c.add_argument("--calib-n", "--n", dest="n", type=int, default=256,
+                   help="calibration samples (paper: 1024); under torchrun write --calib-n (torchrun's own parser "
+                        "rejects --n as ambiguous)")
     c.add_argument("--calib-batch", type=int, default=128)
+    c.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where calibration sets are cached (default .cache/calibration in the repository)")
     c.add_argument("--seed", type=int, default=0)
     q = p.add_argument_group("quantization")
     q.add_argument("--solver", default="mse", choices=["mse", "minmax"])
@@ -79,6 +83,11 @@ def parse_args(argv):
     o.add_argument("--no-progress", action="store_true")
     o.add_argument("--demo", action="store_true", help="the README demo: default model, DDPM 100 steps, W8A8 NDTC + MSE + "
                         "bias_correct{groups=10}, grid + report + FP32 vs int8 ms per step")
+    return p
+
+
+def parse_args(argv):
+    p = build_parser()
     return p.parse_args(argv), p
 
 
@@ -159,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import ptq4dm
+    from ptq4dm import distributed
+
+    # torchrun (WORLD_SIZE > 1): the calibration chains, observers and bias_correct split over the
+    # ranks; rank 0 writes the artifact, the report and the grid
+    distributed.init_from_env()
     from ptq4dm import artifact
     from ptq4dm.ir.capture import CaptureError
     from ptq4dm.models.loading import WeightsError, load_default_unet, load_unet, trained_schedule
@@ -201,12 +215,17 @@ def main(argv: list[str] | None = None) -> int:
             pipeline += ",bias_correct" if args.bias_groups == 1 else f",bias_correct{{groups={args.bias_groups}}}"
         result = ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy,
                                  pipeline=pipeline, progress=not args.no_progress,
-                                 cache_dir=REPO / ".cache" / "calibration", dump_after=tuple(args.dump_ir_after),
+                                 cache_dir=Path(args.cache_dir) if args.cache_dir else REPO / ".cache" / "calibration", dump_after=tuple(args.dump_ir_after),
                                  dump_dir=out.parent / "ir")
     except (FileNotFoundError, WeightsError, PipelineError, CaptureError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except distributed.RankFailed as e:
+        print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr)
+        return 1
     stages.update(result.report.timings)
+    if not distributed.is_main():
+        return 0
     if "fakequant" not in pipeline:
         print(result.report.table(limit=20))
         print(f"pipeline stopped before fakequant: no artifact written")
@@ -271,4 +290,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+    finally:
+        from ptq4dm import distributed
+        distributed.shutdown()
+    sys.exit(rc)
