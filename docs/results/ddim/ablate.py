@@ -39,6 +39,13 @@ CFG = {
  "fpout-fl": (dict(quantize_outputs=False, keep_first_last_fp=True), "", "mse"),
  "fpout-fl-mm-bc": (dict(quantize_outputs=False, keep_first_last_fp=True), BC, "minmax"),
  "fpout-fl-bc-nc": (dict(quantize_outputs=False, keep_first_last_fp=True), BC + NC, "mse"),
+ "out16-fl": (dict(output_bits=16, keep_first_last_fp=True), "", "mse"),
+ "out16-fl-attnfp-bc": (dict(output_bits=16, keep_first_last_fp=True, quantize_attention=False), BC, "mse"),
+ "out16-fl-g10-bc": (dict(output_bits=16, keep_first_last_fp=True, timestep_groups=10), BC, "mse"),
+ "out16-fl-split-bc": (dict(output_bits=16, keep_first_last_fp=True, split_cat=True), BC, "mse"),
+ "out16-fl-mm-bc": (dict(output_bits=16, keep_first_last_fp=True), BC, "minmax"),
+ "out16-fl-bcg25": (dict(output_bits=16, keep_first_last_fp=True), ",bias_correct{groups=25}", "mse"),
+ "out16-fl-sym": (dict(output_bits=16, keep_first_last_fp=True, act_symmetric=True), BC, "mse"),
 }
 p = argparse.ArgumentParser(); p.add_argument("cfgs", nargs="+"); p.add_argument("--n", type=int, default=300)
 p.add_argument("--seed", type=int, default=11); p.add_argument("--calib-seed", type=int, default=None)
