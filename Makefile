@@ -20,10 +20,10 @@ demo: setup
 	$(ENV) $(PY) tools/quantize.py --demo
 
 test: setup
-	$(ENV) $(PY) -m pytest -q
+	$(ENV) $(PY) -m pytest -q -n auto --dist worksteal
 
 test-fast: setup
-	$(ENV) $(PY) -m pytest -q -m "not slow"
+	$(ENV) $(PY) -m pytest -q -n auto -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
