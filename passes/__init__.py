@@ -28,7 +28,8 @@ PAPER_PIPELINE = DEFAULT_PIPELINE
 RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",bias_correct{groups=10}"
 
 # Named pipelines for ``ptq4dm.quantize(pipeline=...)``: the passes and the policy they are meant with
-# (an explicit ``policy=`` still wins). "recommended" (opt-in for now) is measured in docs/results.md
+# (an explicit ``policy=`` still wins). "recommended" (the default of ``ptq4dm.quantize`` and of
+# tools/quantize.py) is measured in docs/results.md
 # ("DDIM"): the paper's passes, bias correction per 1/10 of the sampler's steps, conv_in / conv_out
 # in float and the sampler's mean / variance / x_{t-1} at 16 bits. "ptq4dm-paper" is the paper's
 # full setting: every conv / linear / attention matmul and the three outputs at 8 bits.

@@ -103,17 +103,16 @@ def capture_step(step: DiffusionStep, batch: int = 2, device: str | torch.device
 
 
 def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPolicy | None = None,
-             pipeline: str = "ptq4dm-paper", progress: bool = True, cache_dir=None,
+             pipeline: str = "recommended", progress: bool = True, cache_dir=None,
              verify: bool = True, dump_after: tuple[str, ...] = (), dump_dir=None,
              graph: StepGraph | None = None) -> QuantResult:
     """Run PTQ4DM on ``step``: capture, then ``pipeline``, and return the simulated quantized graph
     and a report. ``pipeline``: a named preset (``ptq4dm.passes.PRESETS``) or a pass list.
-    "ptq4dm-paper" (the default): the paper's full setting (``decompose_attention,mark,observe,
-    calibrate,solve,fakequant``, everything at 8 bits). "recommended": the paper's passes +
-    ``bias_correct{groups=10}``, with conv_in / conv_out in float and mean / variance / x_{t-1} at
-    16 bits unless ``policy`` says otherwise (measured on DDIM in docs/results.md; not yet the
-    default: its table over every sampler is not complete). A pass list runs with ``policy`` or
-    the paper's ``QuantPolicy()``."""
+    "recommended" (the default): the paper's passes + ``bias_correct{groups=10}``, with conv_in /
+    conv_out in float and mean / variance / x_{t-1} at 16 bits unless ``policy`` says otherwise
+    (why: docs/results.md, "DDIM"). "ptq4dm-paper": the paper's full setting
+    (``decompose_attention,mark,observe,calibrate,solve,fakequant``, everything at 8 bits). A
+    pass list runs with ``policy`` or the paper's ``QuantPolicy()``."""
     calibration = calibration or NDTC()
     solver = solver or MSE()
     if pipeline in PRESETS:

@@ -82,7 +82,7 @@ def _local_mean_errors(result, bias_targets: dict, groups: int = 1) -> dict:
 
 def test_corrected_layers_have_no_mean_error_left(tiny_unet):
     step = _step(tiny_unet)
-    plain = ptq4dm.quantize(step, calibration=NDTC(n=32), policy=W4, progress=False)
+    plain = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=32), policy=W4, progress=False)
     corrected = ptq4dm.quantize(step, calibration=NDTC(n=32), policy=W4, progress=False,
                                 pipeline=DEFAULT_PIPELINE + ",bias_correct")
     # the float weight and original bias behind each quantized layer, by the layers' (shared) node names
@@ -137,7 +137,7 @@ def test_bias_correct_says_what_it_needs(tiny_unet):
     with pytest.raises(ValueError, match="run 'fakequant' before it"):
         PassManager.from_pipeline("bias_correct").run(r.graph, PassContext(
             options={"calibration_set": r.calibration_set}, progress=False))
-    r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False)
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8), progress=False)
     with pytest.raises(ValueError, match="needs the calibration set"):
         PassManager.from_pipeline("bias_correct").run(r.graph, PassContext(progress=False))
 
@@ -158,7 +158,7 @@ def test_artifact_stores_the_corrected_biases(tiny_unet, tmp_path):
         want, got = r.graph(x, t, n), g(x, t, n)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    plain = ptq4dm.quantize(step, calibration=NDTC(n=16), policy=W4, progress=False)
+    plain = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), policy=W4, progress=False)
     with torch.no_grad():   # and the correction is really in it: the uncorrected graph differs
         assert not torch.equal(plain.graph(x, t, n).mean, got.mean)
 
@@ -176,7 +176,7 @@ def test_groups_remove_the_part_of_the_error_that_follows_t(tiny_unet, tmp_path)
                                pipeline=DEFAULT_PIPELINE + f",bias_correct{{groups={g}}}") for g in (1, 2)}
     per_group = runs[2].report.bias_correction["samples_per_group"]
     assert min(per_group) >= 10, per_group   # both halves corrected (none fell back)
-    plain = ptq4dm.quantize(step, calibration=NDTC(n=64, mu=0.5), policy=W4, progress=False)
+    plain = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=64, mu=0.5), policy=W4, progress=False)
     targets = {}
     fp_nodes = {n.name: n for n in plain.fp_graph.graph.nodes}
     for n in plain.graph.graph.nodes:

@@ -121,7 +121,7 @@ def _rank_main(rank, world, init_file, how, q):
     step.forward = flaky
     t0 = time.monotonic()
     try:
-        ptq4dm.quantize(step, calibration=ptq4dm.NDTC(n=16, batch_size=4), progress=False)
+        ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=ptq4dm.NDTC(n=16, batch_size=4), progress=False)
         q.put((rank, "finished", "", time.monotonic() - t0))
     except Exception as e:   # noqa: BLE001
         q.put((rank, type(e).__name__, str(e), time.monotonic() - t0))

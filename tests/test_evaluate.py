@@ -134,6 +134,8 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
     assert len({c.name for c in CONFIGS}) == len(CONFIGS)
     pols = {c.name: policy_for(c, steps=20) for c in CONFIGS}
     assert pols["ptq4dm-w8a8"].describe() == "W8A8" and pols["ptq4dm-w8a8"].quantize_attention
+    assert pols["paper"] == pols["ptq4dm-w8a8"]   # the paper's preset is the plain policy
+    assert pols["recommended"].keep_first_last_fp and pols["recommended"].output_bits == 16
     assert pols["ptq4dm-w8a16"].describe().startswith("W8A16") and pols["ptq4dm-w8a16"].output_bits == 16
     assert pols["ptq4dm-w16a8"].describe().startswith("W16A8")
     assert not pols["ptq4dm-w8a8-attn-fp"].quantize_attention

@@ -19,7 +19,7 @@ def test_worked_example_from_the_docs(tiny_unet):
     exec(compile(code, str(DOC), "exec"), {"__name__": "docs_extending"})
     assert "keep_tiny_gemms_float" in PASS_REGISTRY
     step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=5)).eval()
-    base = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False)
+    base = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8), progress=False)
     res = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False,
                           pipeline="decompose_attention,mark,keep_tiny_gemms_float{min_out_channels=8},"
                                    "observe,calibrate,solve,fakequant")

@@ -181,7 +181,7 @@ def test_reference_conv_equals_float_conv_of_dequantized_values(seed, stride, pa
 @pytest.mark.parametrize("groups", [1, 5])
 def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
     step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
-    r = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False, policy=QuantPolicy(timestep_groups=groups))
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), progress=False, policy=QuantPolicy(timestep_groups=groups))
     fq = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
     unfused = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
     ctx = PassContext(progress=False)
@@ -215,7 +215,7 @@ def test_lowered_graph_equals_fakequant_graph(tiny_unet, groups):
 def test_batch1_static_graph_lowers_and_runs(tiny_unet):
     step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
     graph = ptq4dm.capture_step(step, batch=1, dynamic_batch=False)
-    r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False, graph=graph)
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8), progress=False, graph=graph)
     PassManager.from_pipeline("lower{backend=triton}").run(r.graph, PassContext(progress=False))
     x, t, n = r.calibration_set.x[:1], r.calibration_set.t[:1], torch.zeros(1, 1, 8, 8)
     with torch.no_grad():

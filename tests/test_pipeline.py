@@ -43,8 +43,8 @@ def test_observers_change_no_output(tiny_unet):
 def test_16_bit_is_close_and_8_bit_quantizes_every_annotated_tensor(tiny_unet):
     step = _step(tiny_unet)
     wide = QuantPolicy(weight_bits=16, act_bits=16, attn_bits=16, output_bits=16)
-    r16 = ptq4dm.quantize(step, calibration=NDTC(n=16), policy=wide, progress=False)
-    r8 = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False)
+    r16 = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), policy=wide, progress=False)
+    r8 = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), progress=False)
     # in-distribution inputs: the real (x_t, t) pairs of the FP sampler (static ranges clip
     # values outside what calibration saw, by design)
     cs = r8.calibration_set
@@ -70,7 +70,7 @@ def test_16_bit_is_close_and_8_bit_quantizes_every_annotated_tensor(tiny_unet):
 
 
 def test_report_mse_never_worse_than_minmax(tiny_unet):
-    r = ptq4dm.quantize(_step(tiny_unet), calibration=NDTC(n=16), progress=False)
+    r = ptq4dm.quantize(_step(tiny_unet), pipeline="ptq4dm-paper", calibration=NDTC(n=16), progress=False)
     assert all(t.error <= t.error_minmax * (1 + 1e-6) + 1e-30 for t in r.report.tensors)
     assert r.report.total_error <= r.report.total_error_minmax
     assert "TOTAL" in r.report.table()
@@ -78,12 +78,12 @@ def test_report_mse_never_worse_than_minmax(tiny_unet):
 
 def test_policy_exceptions(tiny_unet):
     step = _step(tiny_unet)
-    r = ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False,
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8), progress=False,
                         policy=QuantPolicy(keep_first_last_fp=True, quantize_outputs=False, skip=("unet.mid_block",)))
     names = [n for n, _ in r.report.left_in_float]
     assert r.report.counts["output"] == 0 and len(names) >= 2
     with pytest.raises(ValueError, match="unet.no_such_block"):
-        ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False, policy=QuantPolicy(skip=("unet.no_such_block",)))
+        ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8), progress=False, policy=QuantPolicy(skip=("unet.no_such_block",)))
 
 
 def test_unknown_op_is_left_in_float_and_listed(tiny_unet):
@@ -100,13 +100,13 @@ def test_nan_in_calibration_names_node_and_timestep(tiny_unet):
     with torch.no_grad():
         unet.mid_block.resnets[0].conv1.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(CalibrationNaN) as e:
-        ptq4dm.quantize(_step(unet), calibration=NDTC(n=4, batch_size=4), progress=False)
+        ptq4dm.quantize(_step(unet), pipeline="ptq4dm-paper", calibration=NDTC(n=4, batch_size=4), progress=False)
     assert "timesteps" in str(e.value) and ":" in str(e.value)
 
 
 def test_cifar10_pipeline_ndtc64(cifar_unet):
     step = _step(cifar_unet, steps=4, kind="ddim")
-    r = ptq4dm.quantize(step, calibration=NDTC(n=64, batch_size=64), progress=False)
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=64, batch_size=64), progress=False)
     assert r.report.counts["conv"] == 65 and r.report.counts["linear"] == 48 and r.report.counts["attn_matmul"] == 12
     assert r.report.total_error <= r.report.total_error_minmax
     x, t = r.calibration_set.x[:2], r.calibration_set.t[:2]
@@ -123,7 +123,7 @@ def test_per_timestep_scales_are_gathered_by_t(tiny_unet):
     graph picks each sample's range from its own t (samples in one batch may differ)."""
     step = _step(tiny_unet, steps=10)
     with pytest.warns(UserWarning, match="few calibration samples"):   # 40 samples over 10 steps: said so
-        r = ptq4dm.quantize(step, calibration=NDTC(n=40, batch_size=40), progress=False,
+        r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=40, batch_size=40), progress=False,
                             policy=QuantPolicy(timestep_groups=10))
     per_group = r.report.calibration["samples_per_group"]
     assert len(per_group) == 10 and sum(per_group) == 40 and min(per_group) < 10
@@ -153,9 +153,9 @@ def test_grouped_roles_give_per_step_ranges_to_the_outputs_only(tiny_unet):
     step = _step(tiny_unet, steps=10)
     outs = ("mean", "variance", "prev_sample")
     cal = NDTC(n=120, batch_size=60)
-    per_step = ptq4dm.quantize(step, calibration=cal, progress=False,
+    per_step = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=cal, progress=False,
                                policy=QuantPolicy(timestep_groups=10, grouped_roles=outs))
-    one = ptq4dm.quantize(step, calibration=cal, progress=False)
+    one = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=cal, progress=False)
     qps = per_step.graph.meta["qparams"]
     for tr in per_step.report.tensors:
         assert qps[tr.key].groups == (10 if tr.role in outs else 0), tr
@@ -173,8 +173,8 @@ def test_output_roles_keep_mean_and_variance_in_float(tiny_unet):
     computes them in float (the variance, a function of t alone, equals the FP step's)."""
     step = _step(tiny_unet)
     cal = NDTC(n=16)
-    r = ptq4dm.quantize(step, calibration=cal, progress=False, policy=QuantPolicy(output_roles=("prev_sample",)))
-    full = ptq4dm.quantize(step, calibration=cal, progress=False)
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=cal, progress=False, policy=QuantPolicy(output_roles=("prev_sample",)))
+    full = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=cal, progress=False)
     assert r.report.counts["output"] == 1 and full.report.counts["output"] == 3
     assert {tr.role for tr in r.report.tensors} & {"mean", "variance"} == set()
     assert "prev_sample" in {tr.role for tr in r.report.tensors}
@@ -204,7 +204,7 @@ def test_share_xt_range_makes_the_next_steps_input_quantizer_exact(tiny_unet, gr
     from ptq4dm.passes import PassContext, PassManager
 
     step = _step(tiny_unet, steps=10, kind="ddim")
-    r = ptq4dm.quantize(step, calibration=NDTC(n=40, batch_size=40), progress=False,
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=40, batch_size=40), progress=False,
                         policy=QuantPolicy(timestep_groups=groups, share_xt_range=True))
     if lowered:
         PassManager.from_pipeline("lower{backend=triton}").run(r.graph, PassContext(progress=False))
@@ -231,8 +231,27 @@ def test_share_xt_range_makes_the_next_steps_input_quantizer_exact(tiny_unet, gr
 def test_share_xt_range_refuses_what_it_cannot_shift(tiny_unet):
     step = _step(tiny_unet, steps=10, kind="ddim")
     with pytest.raises(ValueError, match="one range per sampler step"):
-        ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False,
+        ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), progress=False,
                         policy=QuantPolicy(timestep_groups=5, share_xt_range=True))
     with pytest.raises(ValueError, match="same bits"):
-        ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False,
+        ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), progress=False,
                         policy=QuantPolicy(output_bits=6, share_xt_range=True))
+
+
+def test_the_default_is_the_recommended_pipeline(tiny_unet):
+    """ptq4dm.quantize(step) as a user calls it: the paper's passes + bias_correct per 1/10 of the
+    steps, conv_in / conv_out in float, mean / variance / x_{t-1} at 16 bits; the paper's setting
+    one name away."""
+    from ptq4dm.passes import PRESETS
+
+    step = _step(tiny_unet, kind="ddim")
+    r = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False)
+    assert r.report.policy_obj == PRESETS["recommended"][1]
+    assert r.report.bias_correction["groups"] == 10
+    kept = [why for _, why in r.report.left_in_float if why == "kept in float by policy"]
+    assert len(kept) == 2   # conv_in and conv_out
+    outs = [t for t in r.report.tensors if t.role in ("mean", "variance", "prev_sample")]
+    assert outs and all("int16" in t.spec for t in outs), [t.spec for t in outs]
+    paper = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False, pipeline="ptq4dm-paper")
+    assert not paper.report.bias_correction and paper.report.policy_obj == QuantPolicy()
+    assert all("int8" in t.spec for t in paper.report.tensors if t.role in ("mean", "variance", "prev_sample"))

@@ -50,8 +50,8 @@ def test_step_errors_rank_w4_above_w8(tiny_unet):
     """Fewer weight bits, more error at every step of the chain (same calibration, same noise)."""
     step = _step(tiny_unet)
     cal = ptq4dm.NDTC(n=8)
-    w8 = ptq4dm.quantize(step, calibration=cal, progress=False).graph
-    w4 = ptq4dm.quantize(step, calibration=cal, progress=False, policy=ptq4dm.QuantPolicy(weight_bits=4)).graph
+    w8 = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=cal, progress=False).graph
+    w4 = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=cal, progress=False, policy=ptq4dm.QuantPolicy(weight_bits=4)).graph
     x_T = torch.randn(step.sample_shape(2), generator=torch.Generator().manual_seed(0))
     errs = se.step_errors(step, {"w8": w8, "w4": w4}, step.sampler, x_T, torch.Generator().manual_seed(1))
     assert se.summarize(errs["w4"])["path_kl"] > 2 * se.summarize(errs["w8"])["path_kl"] > 0

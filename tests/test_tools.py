@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ptq4dm
+from conftest import load_tool
 from ptq4dm import artifact
 from ptq4dm.ir.serialize import ArtifactError, load_artifact
 from ptq4dm.models.samplers import make_sampler
@@ -29,7 +30,7 @@ def run_tool(*args, timeout=600):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny_unet):
     step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=8)).eval()
-    res = ptq4dm.quantize(step, calibration=NDTC(n=16), policy=QuantPolicy(timestep_groups=4), progress=False)
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), policy=QuantPolicy(timestep_groups=4), progress=False)
     path = tmp_path_factory.mktemp("art") / "tiny.ptq4dm.safetensors"
     artifact.save(res, step, path)
     return step, res, path
@@ -110,29 +111,46 @@ def test_interrupted_save_leaves_no_partial_file(saved, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def run_main(tool, *args) -> tuple[int, str]:
+    """A tool's main() in this process (no interpreter start-up per case): its exit status and stderr."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = load_tool(tool).main(list(args))
+        except SystemExit as e:   # argparse errors (2) and SystemExit("error: ...") messages (1)
+            rc = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return rc, err.getvalue()
+
+
 def test_cli_bad_input(tmp_path):
-    r = run_tool("tools/quantize.py", "--model", "/no/such/unet.safetensors", "--out", str(tmp_path / "a.safetensors"))
-    assert r.returncode == 2 and "does not exist" in r.stderr
-    r = run_tool("tools/quantize.py", "--steps", "0")
-    assert r.returncode == 2 and "--steps" in r.stderr
-    r = run_tool("tools/quantize.py", "--weight-bits", "1")
-    assert r.returncode == 2 and "--weight-bits" in r.stderr
-    r = run_tool("tools/quantize.py", "--model", "tiny", "--mu", "1.5", "--out", str(tmp_path / "a.safetensors"))
-    assert r.returncode == 2 and "mu" in r.stderr
-    r = run_tool("tools/quantize.py", "--model", "tiny", "--passes", "mark,obsrve", "--out", str(tmp_path / "a.safetensors"))
-    assert r.returncode == 2 and "unknown pass 'obsrve'" in r.stderr
-    r = run_tool("tools/quantize.py", "--model", "tiny", "--bias-groups", "4", "--out", str(tmp_path / "a.safetensors"))
-    assert r.returncode == 2 and "add --bias-correct" in r.stderr and not (tmp_path / "a.safetensors").exists()
-    r = run_tool("tools/quantize.py", "--out", "/proc/ptq4dm/a.safetensors")
-    assert r.returncode != 0 and "cannot write" in (r.stderr + r.stdout)
+    a = str(tmp_path / "a.safetensors")
+    rc, err = run_main("quantize", "--model", "/no/such/unet.safetensors", "--out", a)
+    assert rc == 2 and "does not exist" in err
+    rc, err = run_main("quantize", "--steps", "0")
+    assert rc == 2 and "--steps" in err
+    rc, err = run_main("quantize", "--weight-bits", "1")
+    assert rc == 2 and "--weight-bits" in err
+    rc, err = run_main("quantize", "--model", "tiny", "--mu", "1.5", "--out", a)
+    assert rc == 2 and "mu" in err
+    rc, err = run_main("quantize", "--model", "tiny", "--passes", "mark,obsrve", "--out", a)
+    assert rc == 2 and "unknown pass 'obsrve'" in err
+    rc, err = run_main("quantize", "--model", "tiny", "--pipeline", "ptq4dm-paper", "--bias-groups", "4", "--out", a)
+    assert rc == 2 and "add --bias-correct" in err and not (tmp_path / "a.safetensors").exists()
+    rc, err = run_main("quantize", "--out", "/proc/ptq4dm/a.safetensors")
+    assert rc != 0 and "cannot write" in err
     torch.manual_seed(0)
     wrong = tmp_path / "wrong.safetensors"
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in ptq4dm.build_unet("tiny").state_dict().items()}, str(wrong))
-    r = run_tool("tools/quantize.py", "--model", str(wrong), "--arch", "mnist-small", "--out", str(tmp_path / "a.safetensors"))
-    assert r.returncode == 2 and ("missing keys" in r.stderr or "shape mismatches" in r.stderr)
-    r = run_tool("tools/sample.py", str(tmp_path / "nothing.safetensors"))
+    rc, err = run_main("quantize", "--model", str(wrong), "--arch", "mnist-small", "--out", a)
+    assert rc == 2 and ("missing keys" in err or "shape mismatches" in err)
+    r = run_tool("tools/sample.py", str(tmp_path / "nothing.safetensors"))   # and once as a user runs it
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 

@@ -46,7 +46,7 @@ def _quantized(layer, batch):
     torch.manual_seed(0)
     step = ptq4dm.DiffusionStep(layer.eval(), ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
     graph = ptq4dm.capture_step(step, batch=batch, dynamic_batch=batch > 1)
-    res = ptq4dm.quantize(step, calibration=NDTC(n=16, batch_size=16), policy=QuantPolicy(), progress=False, graph=graph)
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16, batch_size=16), policy=QuantPolicy(), progress=False, graph=graph)
     return step, res
 
 
@@ -100,7 +100,7 @@ def test_compiled_code_runs_onednn_int8_kernels(tiny_unet):
     """Fails when Inductor silently falls back to float: the generated code must call oneDNN's
     int8 conv and linear, as many as the lowering rewrote."""
     step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
-    res = ptq4dm.quantize(step, calibration=NDTC(n=8, batch_size=8), progress=False)
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8, batch_size=8), progress=False)
     info = ptq4dm.lower(res.graph)          # the CPU's default backend
     assert info["backend"] == "x86"
     code = compiled_code(ptq4dm.compile_step(res.graph), *_inputs(step, 2, 0))
@@ -111,6 +111,6 @@ def test_compiled_code_runs_onednn_int8_kernels(tiny_unet):
 
 def test_lower_rejects_an_unknown_backend(tiny_unet):
     step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
-    res = ptq4dm.quantize(step, calibration=NDTC(n=4, batch_size=4), progress=False)
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=4, batch_size=4), progress=False)
     with pytest.raises(ValueError, match="unknown backend 'npu'.*x86"):
         ptq4dm.lower(res.graph, backend="npu")

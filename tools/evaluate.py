@@ -50,10 +50,14 @@ class Config:
     output_groups: int = 1          # > 1: mean / variance / x_{t-1} ranges per group of sampler steps (ours)
     bias_correct: bool = False      # the bias_correct pass after fakequant (Nagel et al. 2019; not PTQ4DM's)
     bias_groups: int = 1            # > 1: bias_correct{groups=G}, a correction per group of sampler steps (ours)
+    preset: str = ""                # a named pipeline (ptq4dm.passes.PRESETS) with its own policy: the fields above are ignored
 
 
 CONFIGS = [
     Config("fp", "FP32", calibration=""),
+    Config("recommended", "W8A8 recommended (PTQ4DM + bias corr. 1/10; conv_in/out FP, outputs 16-bit)",
+           preset="recommended"),
+    Config("paper", "W8A8 PTQ4DM, the paper's full setting (pipeline 'ptq4dm-paper')", preset="ptq4dm-paper"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),
@@ -95,7 +99,10 @@ CONFIGS += [dataclasses.replace(c, name=c.name + "-bc-g10", label=c.label + " + 
 
 def policy_for(cfg: Config, steps: int):
     """The QuantPolicy a configuration quantizes with (``steps``: the sampler's, for per-step ranges)."""
-    from ptq4dm.passes import QuantPolicy
+    from ptq4dm.passes import PRESETS, QuantPolicy
+
+    if cfg.preset:
+        return PRESETS[cfg.preset][1]
 
     return QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, attn_bits=cfg.attn_bits,
                        output_bits=cfg.output_bits, quantize_attention=cfg.quantize_attention,
@@ -111,6 +118,9 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
     import ptq4dm
     from ptq4dm.passes import DEFAULT_PIPELINE, MSE, NDTC, MinMax, RandomNoise, Single, Uniform
 
+    if cfg.preset:   # as a user gets it: the preset's passes and policy, the default solver
+        return ptq4dm.quantize(step, calibration=NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
+                               pipeline=cfg.preset, cache_dir=cache_dir)
     calib = {"ndtc": lambda: NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
              "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),
              "random": lambda: RandomNoise(n=calib_n, seed=calib_seed)}[cfg.calibration]()
@@ -188,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large"],
                    help="DDPM variance, --sampler ddpm only (default fixed_small)")
     p.add_argument("--calib-n", type=int, default=256, help="calibration samples (paper: 1024)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where calibration sets are cached (default .cache/calibration in the repository)")
     p.add_argument("--mu", type=float, default=0.4)
     p.add_argument("--sigma", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0, help="sampling seeds: batch i uses seed + i")
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.cat([parts[b] for b in range(len(starts))])
 
     cs = args.seed if args.calib_seed is None else args.calib_seed
-    cache = REPO / ".cache" / "calibration"
+    cache = Path(args.cache_dir) if args.cache_dir else REPO / ".cache" / "calibration"
     def write_outputs(rows, final: bool) -> str:
         if not main_rank:
             return ""

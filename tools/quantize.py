@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bits", type=int, default=8)
     q.add_argument("--act-bits", type=int, default=8)
     q.add_argument("--attn-bits", type=int, default=8)
-    q.add_argument("--pipeline", default="ptq4dm-paper", choices=["recommended", "ptq4dm-paper"],
-                   help="ptq4dm-paper (default): the paper's full setting, all at 8 bits (--demo adds bias_correct{groups=10}); "
-                        "recommended: the paper's passes + bias_correct{groups=10}, conv_in / conv_out in float, "
-                        "mean / variance / x_{t-1} at 16 bits (docs/results.md, DDIM)")
+    q.add_argument("--pipeline", default="recommended", choices=["recommended", "ptq4dm-paper"],
+                   help="recommended (default): the paper's passes + bias_correct{groups=10}, conv_in / conv_out in "
+                        "float, mean / variance / x_{t-1} at 16 bits (docs/results.md, DDIM); ptq4dm-paper: the "
+                        "paper's full setting, all at 8 bits")
     q.add_argument("--output-bits", type=int, default=None,
                    help="bits of mean / variance / x_{t-1} (default: 16 recommended, 8 ptq4dm-paper)")
     q.add_argument("--act-symmetric", action="store_true")
