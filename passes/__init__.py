@@ -31,10 +31,11 @@ RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",bias_correct{groups=10}"
 # (an explicit ``policy=`` still wins). "recommended" (the default of ``ptq4dm.quantize`` and of
 # tools/quantize.py) is measured in docs/results.md
 # ("DDIM"): the paper's passes, bias correction per 1/10 of the sampler's steps, conv_in / conv_out
-# in float and the sampler's mean / variance / x_{t-1} at 16 bits. "ptq4dm-paper" is the paper's
+# and the time-embedding path (layers whose input depends on t alone) in float and the sampler's
+# mean / variance / x_{t-1} at 16 bits. "ptq4dm-paper" is the paper's
 # full setting: every conv / linear / attention matmul and the three outputs at 8 bits.
 PRESETS = {
-    "recommended": (RECOMMENDED_PIPELINE, QuantPolicy(output_bits=16, keep_first_last_fp=True)),
+    "recommended": (RECOMMENDED_PIPELINE, QuantPolicy(output_bits=16, keep_first_last_fp=True, time_path_fp=True)),
     "ptq4dm-paper": (PAPER_PIPELINE, QuantPolicy()),
 }
 

@@ -44,6 +44,7 @@ class QuantPolicy:
     quantize_outputs: bool = True            # mean, variance, prev_sample (the paper's setting)
     output_roles: tuple[str, ...] = OUTPUT_ROLES  # which of the sampler's outputs quantize_outputs covers
     keep_first_last_fp: bool = False         # conv_in / conv_out in float
+    time_path_fp: bool = False               # convs / linears whose input depends on t alone (the time embedding) in float
     split_cat: bool = False                  # one quantizer per part of a skip `cat` feeding a conv
     skip: tuple[str, ...] = ()               # node names or module-path prefixes kept in float
     timestep_groups: int = 1                 # >1: activation / output scales per group of sampler steps
@@ -97,6 +98,24 @@ class Mark:
         return any(n.name == s or (path and (path == s or path.startswith(s + "."))) for s in self.policy.skip)
 
     @staticmethod
+    def _t_only(graph: StepGraph) -> set[fx.Node]:
+        """Nodes whose value depends on the timestep placeholder and on no other input (x_t, noise):
+        the time-embedding path (sinusoidal features, its MLP, each block's projection). One value
+        per t, the same for every sample of a step: TFMQ-DM quantizes it apart for that reason."""
+        ph = graph.placeholders()
+        t, others = ph[1], set(ph[:1] + ph[2:])
+        dep: dict[fx.Node, set] = {}
+        for n in graph.graph.nodes:
+            if n.op == "placeholder":
+                dep[n] = {n}
+                continue
+            d: set = set()
+            for a in n.all_input_nodes:
+                d |= dep.get(a, set())
+            dep[n] = d
+        return {n for n, d in dep.items() if t in d and not (d & others)}
+
+    @staticmethod
     def _xt_ties(graph: StepGraph) -> dict[str, str]:
         """{conv-input key: prev_sample key} for the quantized inputs that read x_t directly.
 
@@ -128,6 +147,7 @@ class Mark:
         weight = make_spec("weight", pol.weight_bits, True, ch_axis=0)
         convs = [n for n in graph.graph.nodes if n.op == "call_function" and n.target in CONV_OPS]
         first_last = {convs[0], convs[-1]} if (pol.keep_first_last_fp and convs) else set()
+        t_only = self._t_only(graph) if pol.time_path_fp else set()
         counts = {"conv": 0, "linear": 0, "attn_matmul": 0, "output": 0}
         fp: list[tuple[str, str]] = []
         for n in graph.graph.nodes:
@@ -137,6 +157,9 @@ class Mark:
                 kind = "conv" if n.target in CONV_OPS else "linear"
                 if n in first_last or self._skipped(graph, n):
                     fp.append((n.name, "kept in float by policy"))
+                    continue
+                if n in t_only:
+                    fp.append((n.name, "time-embedding path (input depends on t alone): kept in float by policy"))
                     continue
                 x, w = n.args[0], n.args[1]
                 if not isinstance(w, fx.Node) or w.op != "get_attr":

@@ -109,7 +109,7 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
     """Run PTQ4DM on ``step``: capture, then ``pipeline``, and return the simulated quantized graph
     and a report. ``pipeline``: a named preset (``ptq4dm.passes.PRESETS``) or a pass list.
     "recommended" (the default): the paper's passes + ``bias_correct{groups=10}``, with conv_in /
-    conv_out in float and mean / variance / x_{t-1} at 16 bits unless ``policy`` says otherwise
+    conv_out and the time-embedding path in float and mean / variance / x_{t-1} at 16 bits unless ``policy`` says otherwise
     (why: docs/results.md, "DDIM"). "ptq4dm-paper": the paper's full setting
     (``decompose_attention,mark,observe,calibrate,solve,fakequant``, everything at 8 bits). A
     pass list runs with ``policy`` or the paper's ``QuantPolicy()``."""

@@ -250,8 +250,23 @@ def test_the_default_is_the_recommended_pipeline(tiny_unet):
     assert r.report.bias_correction["groups"] == 10
     kept = [why for _, why in r.report.left_in_float if why == "kept in float by policy"]
     assert len(kept) == 2   # conv_in and conv_out
+    assert any(why.startswith("time-embedding path") for _, why in r.report.left_in_float)
     outs = [t for t in r.report.tensors if t.role in ("mean", "variance", "prev_sample")]
     assert outs and all("int16" in t.spec for t in outs), [t.spec for t in outs]
     paper = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False, pipeline="ptq4dm-paper")
     assert not paper.report.bias_correction and paper.report.policy_obj == QuantPolicy()
     assert all("int8" in t.spec for t in paper.report.tensors if t.role in ("mean", "variance", "prev_sample"))
+
+
+def test_time_path_fp_keeps_exactly_the_t_only_layers_in_float(tiny_unet):
+    """QuantPolicy(time_path_fp=True): the linears of the time embedding (their input is a function
+    of t alone) stay float, every layer that reads x_t's features is still quantized."""
+    step = _step(tiny_unet, kind="ddim")
+    base = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8), progress=False)
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8), progress=False,
+                        policy=QuantPolicy(time_path_fp=True))
+    kept = [n for n, why in r.report.left_in_float if why.startswith("time-embedding path")]
+    assert kept and r.report.counts["conv"] == base.report.counts["conv"]
+    assert r.report.counts["linear"] == base.report.counts["linear"] - len(kept)
+    paths = {r.fp_graph.module_path(n) for n in r.fp_graph.graph.nodes if n.name in kept}
+    assert all("time_emb" in (p or "") for p in paths), paths

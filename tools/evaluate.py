@@ -55,7 +55,7 @@ class Config:
 
 CONFIGS = [
     Config("fp", "FP32", calibration=""),
-    Config("recommended", "W8A8 recommended (PTQ4DM + bias corr. 1/10; conv_in/out FP, outputs 16-bit)",
+    Config("recommended", "W8A8 recommended (PTQ4DM + bias corr. 1/10; conv_in/out + time emb. FP, outputs 16-bit)",
            preset="recommended"),
     Config("paper", "W8A8 PTQ4DM, the paper's full setting (pipeline 'ptq4dm-paper')", preset="ptq4dm-paper"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bits", type=int, default=8)
     q.add_argument("--attn-bits", type=int, default=8)
     q.add_argument("--pipeline", default="recommended", choices=["recommended", "ptq4dm-paper"],
-                   help="recommended (default): the paper's passes + bias_correct{groups=10}, conv_in / conv_out in "
-                        "float, mean / variance / x_{t-1} at 16 bits (docs/results.md, DDIM); ptq4dm-paper: the "
+                   help="recommended (default): the paper's passes + bias_correct{groups=10}, conv_in / conv_out and "
+                        "the time embedding in float, mean / variance / x_{t-1} at 16 bits (docs/results.md, DDIM); ptq4dm-paper: the "
                         "paper's full setting, all at 8 bits")
     q.add_argument("--output-bits", type=int, default=None,
                    help="bits of mean / variance / x_{t-1} (default: 16 recommended, 8 ptq4dm-paper)")
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fp-outputs", action="store_true", help="leave mean / variance / x_{t-1} in float")
     q.add_argument("--keep-first-last-fp", action=argparse.BooleanOptionalAction, default=None,
                    help="conv_in / conv_out in float (default: on for recommended, off for ptq4dm-paper)")
+    q.add_argument("--time-path-fp", action=argparse.BooleanOptionalAction, default=None,
+                   help="layers whose input depends on t alone (the time embedding) in float "
+                        "(default: on for recommended, off for ptq4dm-paper)")
     q.add_argument("--per-step", action="store_true", help="one activation range per sampler step (beyond the paper)")
     q.add_argument("--share-xt-range", action="store_true",
                    help="convs reading x_t use the range x_{t-1} was quantized to one step earlier (no second rounding)")
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         args.output_bits = preset_policy.output_bits
     if args.keep_first_last_fp is None:
         args.keep_first_last_fp = preset_policy.keep_first_last_fp
+    if args.time_path_fp is None:
+        args.time_path_fp = preset_policy.time_path_fp
     for f in ("weight_bits", "act_bits", "attn_bits", "output_bits"):
         if not 2 <= getattr(args, f) <= 16:
             parser.error(f"--{f.replace('_', '-')} must be in [2, 16]")
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = QuantPolicy(weight_bits=args.weight_bits, act_bits=args.act_bits, attn_bits=args.attn_bits,
                              output_bits=args.output_bits, act_symmetric=args.act_symmetric,
                              quantize_outputs=not args.fp_outputs, keep_first_last_fp=args.keep_first_last_fp,
+                             time_path_fp=args.time_path_fp,
                              timestep_groups=args.steps if args.per_step else 1, share_xt_range=args.share_xt_range)
         stages["load"] = time.perf_counter() - t0
         passes_ = [s for s in (args.passes or preset_passes).split(",") if not s.startswith("bias_correct")]

@@ -46,6 +46,7 @@ CFG = {
  "out16-fl-mm-bc": (dict(output_bits=16, keep_first_last_fp=True), BC, "minmax"),
  "out16-fl-bcg25": (dict(output_bits=16, keep_first_last_fp=True), ",bias_correct{groups=25}", "mse"),
  "out16-fl-bcg1": (dict(output_bits=16, keep_first_last_fp=True), ",bias_correct", "mse"),
+ "out16-fl-tfp-bc": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), BC, "mse"),
  "out16-fl-sym": (dict(output_bits=16, keep_first_last_fp=True, act_symmetric=True), BC, "mse"),
 }
 p = argparse.ArgumentParser(); p.add_argument("cfgs", nargs="+"); p.add_argument("--n", type=int, default=300)
