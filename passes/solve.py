@@ -131,27 +131,41 @@ class Solve:
         obs = observers(graph)
         qparams: dict[str, QParams] = graph.meta.setdefault("qparams", {})
         reports: list[TensorReport] = []
-        items = qtensors(graph)
-        if ctx.progress:
-            from tqdm import tqdm
+        from ptq4dm import distributed as dist
 
-            items = tqdm(items, desc="solve", unit="tensor", leave=False)
-        for qt in items:
-            if qt.spec.role == "weight":
-                w = getattr_path(graph.gm, qt.source, graph)
-                qp, e, e_mm = self._solve(w.detach().float(), qt)
-            else:
-                o = obs.get(qt.key)
-                if o is None or o.min is None:
-                    raise ValueError(f"tensor {qt.key!r} has no calibration statistics: run 'observe,calibrate' "
-                                     f"before 'solve'")
-                if isinstance(o, GroupedObserver):
-                    qp, e, e_mm = self._solve_grouped(o, qt)
+        items = qtensors(graph)
+        mine = dist.my_batches(items)   # inside a process group: tensor i on rank i % world_size, then exchanged
+
+        def solve_share() -> dict:
+            out = {}
+            it = mine
+            if ctx.progress:
+                from tqdm import tqdm
+
+                it = tqdm(mine, desc="solve", unit="tensor", leave=False)
+            for i, qt in it:
+                if qt.spec.role == "weight":
+                    w = getattr_path(graph.gm, qt.source, graph)
+                    qp, e, e_mm = self._solve(w.detach().float(), qt)
                 else:
-                    qp, e, e_mm = self._solve(o.sample, qt, lo=o.min, hi=o.max)
-            qparams[qt.key] = qp
-            reports.append(TensorReport(qt.key, qt.spec.role, qt.spec.short(), float(qp.scale.float().mean()),
-                                        int(qp.zero_point.reshape(-1)[0]) if qp.zero_point.numel() else 0, e, e_mm))
+                    o = obs.get(qt.key)
+                    if o is None or o.min is None:
+                        raise ValueError(f"tensor {qt.key!r} has no calibration statistics: run 'observe,calibrate' "
+                                         f"before 'solve'")
+                    if isinstance(o, GroupedObserver):
+                        qp, e, e_mm = self._solve_grouped(o, qt)
+                    else:
+                        qp, e, e_mm = self._solve(o.sample, qt, lo=o.min, hi=o.max)
+                out[i] = (qp, TensorReport(qt.key, qt.spec.role, qt.spec.short(), float(qp.scale.float().mean()),
+                                           int(qp.zero_point.reshape(-1)[0]) if qp.zero_point.numel() else 0, e, e_mm))
+            return out
+
+        solved = dist.gather_batches("solve", solve_share)
+        device = graph.example_inputs[0].device
+        for i, qt in enumerate(items):
+            qp, rep = solved[i]
+            qparams[qt.key] = qp.to(device)
+            reports.append(rep)
         self._share_ranges(graph, qparams, reports)
         ctx.results["solve"] = reports
 
