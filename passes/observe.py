@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ptq4dm.distributed import batch_seed
 from ptq4dm.ir.annotations import GROUPABLE_ROLES, TensorSpec, get_annotation
 from ptq4dm.ir.graph import ROLE, StepGraph
 
@@ -119,8 +120,6 @@ class ReservoirObserver(nn.Module):
             self.max = mx if self.max is None else torch.maximum(self.max, mx)
             gen = self.gen
             if "batch" in self.state:
-                from ptq4dm.distributed import batch_seed
-
                 gen = torch.Generator().manual_seed(batch_seed(self.seed, int(self.state["batch"])))
             if v.numel() > self.capacity:
                 # a uniform subsample of this batch first (O(capacity), not a sort of every value)
