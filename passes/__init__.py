@@ -6,6 +6,7 @@
     calibrate            NDTC (or a baseline) calibration through the observers
     solve                MSE (or min-max) range solver -> qparams
     fakequant            the simulated quantized graph
+    sensitivity          each quantized tensor's share of the step's error; widen{k}: the costliest activations to 16 bits
     bias_correct         empirical bias correction of quantized convs / linears (optional, not PTQ4DM's)
     noise_correct        per-step affine correction of the UNet output (PTQD-style; optional)
     lower                int8 ops (reference on CPU, Triton on CUDA)
@@ -21,6 +22,7 @@ from .lower import Lower
 from .mark import Mark, QuantPolicy
 from .noise_correct import NoiseCorrect
 from .observe import Observe, ReservoirObserver
+from .sensitivity import Sensitivity
 from .solve import MSE, MinMax, Solve, TensorReport
 
 DEFAULT_PIPELINE = "decompose_attention,mark,observe,calibrate,solve,fakequant"   # the paper's passes
@@ -43,4 +45,4 @@ __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "PassManager", "PipelineError
            "parse_pipeline", "register_pass", "NDTC", "Uniform", "Single", "RandomNoise", "Calibrate", "BiasCorrect",
            "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Lower", "Mark", "QuantPolicy",
            "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE",
-           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "PRESETS", "NoiseCorrect"]
+           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity"]

@@ -45,6 +45,7 @@ class QuantReport:
     policy: str = ""
     policy_obj: Any = None
     bias_correction: dict = field(default_factory=dict)   # the bias_correct pass's result, when it ran
+    sensitivity: dict = field(default_factory=dict)       # the sensitivity pass's result, when it ran
 
     @property
     def total_error(self) -> float:
@@ -77,7 +78,31 @@ class QuantReport:
                 "left_in_float": [list(x) for x in self.left_in_float],
                 "tensors": [dict(key=t.key, role=t.role, spec=t.spec, scale=t.scale, zero_point=t.zero_point,
                                  error=t.error, error_minmax=t.error_minmax) for t in self.tensors],
-                **({"bias_correction": self.bias_correction} if self.bias_correction else {})}
+                **({"bias_correction": self.bias_correction} if self.bias_correction else {}),
+                **({"sensitivity": self.sensitivity} if self.sensitivity else {})}
+
+    def sensitivity_table(self, limit: int | None = None) -> str:
+        """The sensitivity pass's ranking: each tensor's part of the step's x_{t-1} error (that tensor
+        alone quantized), costliest first; weights also at the pass's low width."""
+        sens = self.sensitivity
+        if not sens:
+            return "no sensitivity analysis in this pipeline (add 'sensitivity' after 'fakequant')"
+        rows = sens["rows"] if limit is None else sens["rows"][:limit]
+        low = next((k for r in sens["rows"] for k in r if k.startswith("error_w")), None)
+        head = (f"{'tensor':<58} {'role':<11} {'bits':>4} {'rel. error':>11} {'share':>7}"
+                + (f" {'at ' + low[7:] + ' bits':>11}" if low else ""))
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r['key'][:58]:<58} {r['role']:<11} {r['bits']:>4} {r['error']:>11.3e} {100 * r['share']:>6.1f}%"
+                         + (f" {r[low]:>11.3e}" if low and low in r else ""))
+        if limit is not None and len(sens["rows"]) > limit:
+            lines.append(f"... {len(sens['rows']) - limit} more tensors")
+        lines.append(f"each alone, summed: {sens['error_sum']:.3e}; all together: {sens['error_all']:.3e} "
+                     f"(relative squared error of x_{{t-1}} on {sens['n']} calibration samples)")
+        if sens.get("widened"):
+            lines.append(f"widened to 16 bits: {', '.join(sens['widened'])}; all together after: "
+                         f"{sens['error_all_widened']:.3e}")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -136,7 +161,8 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
                          counts=mark.get("counts", {}), timings={"capture": capture_s, **ctx.timings},
                          calibration={k: v for k, v in ctx.results.get("calibration", {}).items() if k != "timesteps"},
                          policy=policy.describe(), policy_obj=policy,
-                         bias_correction=ctx.results.get("bias_correct", {}))
+                         bias_correction=ctx.results.get("bias_correct", {}),
+                         sensitivity=ctx.results.get("sensitivity", {}))
     graph.meta["report"] = report
     graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
     return QuantResult(graph, report, fp_graph, ctx.options.get("calibration_set"))

@@ -52,7 +52,8 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
     quantized_params = set()
     for qt in qtensors(result.graph):
         qp = qparams[qt.key]
-        spec = {"key": qt.key, "role": qt.spec.role, "bits": qt.spec.bits, "qmin": qp.qmin, "qmax": qp.qmax,
+        bits = max(qt.spec.bits, (qp.qmax - qp.qmin).bit_length())   # a widened tensor's grid is wider than its spec
+        spec = {"key": qt.key, "role": qt.spec.role, "bits": bits, "qmin": qp.qmin, "qmax": qp.qmax,
                 "axis": qp.axis, "groups": qp.groups, "symmetric": qt.spec.symmetric, "consumer": qt.consumer,
                 "source": qt.source}
         if qt.spec.role == "weight":

@@ -48,6 +48,11 @@ CFG = {
  "out16-fl-bcg1": (dict(output_bits=16, keep_first_last_fp=True), ",bias_correct", "mse"),
  "out16-fl-tfp-bc": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), BC, "mse"),
  "out16-fl-sym": (dict(output_bits=16, keep_first_last_fp=True, act_symmetric=True), BC, "mse"),
+ # the recommended preset, and it with the sensitivity pass widening the k costliest activations to 16 bits
+ "rec": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), BC, "mse"),
+ "rec-widen2": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=2}" + BC, "mse"),
+ "rec-widen4": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=4}" + BC, "mse"),
+ "rec-widen8": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=8}" + BC, "mse"),
 }
 p = argparse.ArgumentParser(); p.add_argument("cfgs", nargs="+"); p.add_argument("--n", type=int, default=300)
 p.add_argument("--seed", type=int, default=11); p.add_argument("--calib-seed", type=int, default=None)

@@ -1,0 +1,244 @@
+"""sensitivity: how much of the step's output error each quantized tensor causes; optionally
+``widen`` the activations that cost the most to 16 bits.
+
+reads:  the fake-quantized graph (``fakequant``'s output, before ``bias_correct``);
+        ``ctx.options['calibration_set']``
+writes: ``ctx.results['sensitivity']``: one row per quantized tensor (key, role, bits, error,
+        share) and, for weights, the error at ``weight_bits`` (4) too; with ``widen=k`` the k
+        activation quantizers with the largest error get 16-bit qparams over their observed
+        range (buffers, node arguments and ``graph.meta['qparams']``), listed under "widened".
+
+The error of a tensor is measured with that tensor alone quantized (every other fake-quant
+bypassed, every other weight float): the mean squared difference of the step's x_{t-1} from the
+float step's, on ``n`` calibration samples evenly spaced over the set (so over every timestep
+the set covers). Errors of different tensors nearly add up when they are small (the step is
+close to linear in them), so ``share`` (error / sum of errors) reads as "this tensor's part of
+the step's quantization error". This is the per-layer sensitivity of HAWQ and of Q-Diffusion's
+analysis, measured on the output that the sampler carries to the next step.
+
+``widen`` is a mixed-precision policy on activations: a deterministic sampler (DDIM, eta 0)
+keeps every rounding of x_t, and a few activations carry most of it (docs/results.md, "DDIM").
+A widened activation is 16-bit over its full observed range (min-max; at 16 bits clipping
+buys nothing); the layer that reads it stays in float when lowered (``lower`` reports it).
+Inside a torch.distributed group the tensors are dealt over the ranks and the errors gathered;
+every rank then widens the same tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ptq4dm.ir.graph import StepGraph
+from ptq4dm.ir.quant import QParams, fake_quant, qparams_from_range, solve_mse
+
+from .base import PassContext, register_pass
+from .observe import QTENSOR
+
+aten = torch.ops.aten
+FQ = torch.ops.ptq4dm.fake_quant.default
+FLOAT_WEIGHT = "ptq4dm.float_weight"
+
+
+def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _bits(qp: QParams) -> int:
+    return (qp.qmax - qp.qmin).bit_length()
+
+
+class _Toggle(fx.Interpreter):
+    """Runs the graph with only the quantizers in ``on`` applied; weights in ``swap`` read the
+    given tensor instead (a weight at another bit width). ``watch``: record min / max of the
+    float input of these fake-quant nodes."""
+
+    def __init__(self, gm, acts: set, weights: dict):
+        super().__init__(gm, garbage_collect_values=True)
+        self.acts, self.weights = acts, weights     # fq node set; wq get_attr node -> float tensor
+        self.on: set = set()
+        self.swap: dict = {}
+        self.watch: dict = {}
+
+    def run_node(self, n):
+        if n in self.acts:
+            src = self.env[n.args[0]]
+            if n in self.watch:
+                lo, hi = self.watch[n]
+                mn, mx = src.min().float(), src.max().float()
+                self.watch[n] = (mn if lo is None else torch.minimum(lo, mn), mx if hi is None else torch.maximum(hi, mx))
+            if n not in self.on:
+                return src
+        if n in self.weights:
+            if n in self.swap:
+                return self.swap[n]
+            if n not in self.on:
+                return self.weights[n]
+        return super().run_node(n)
+
+
+@register_pass
+@dataclass
+class Sensitivity:
+    name = "sensitivity"
+    reads = "fake-quantized graph (before bias_correct); ctx.options['calibration_set']"
+    writes = "ctx.results['sensitivity']; with widen=k: 16-bit qparams for the k costliest activations"
+    preserves_semantics = False   # widen changes qparams; widen=0 changes nothing
+
+    n: int = 64            # calibration samples measured, evenly spaced over the set
+    batch_size: int = 64
+    weights: bool = True   # measure the weights too (false: activations and outputs only, what widen ranks)
+    weight_bits: int = 4   # also measure each weight at this width (0: only at its own)
+    widen: int = 0         # the `widen` activation quantizers with the largest error -> wide_bits
+    wide_bits: int = 16
+    seed: int = 0          # the noise of the DDPM step's x_{t-1} (the same for every tensor)
+
+    def run(self, graph: StepGraph, ctx: PassContext) -> None:
+        from ptq4dm import distributed as dist
+
+        cs = ctx.options.get("calibration_set")
+        if cs is None:
+            raise ValueError("sensitivity needs the calibration set: run it after 'calibrate' and 'fakequant' in the "
+                             "same pipeline (e.g. '...,calibrate,solve,fakequant,sensitivity,bias_correct')")
+        if graph.meta.get("bias_corrected"):
+            raise ValueError("sensitivity must run before bias_correct: a corrected bias is part of no single "
+                             "tensor's error (put it between 'fakequant' and 'bias_correct')")
+        if self.n < 1 or self.batch_size < 1:
+            raise ValueError(f"sensitivity n and batch_size must be >= 1, got n={self.n}, batch_size={self.batch_size}")
+        if self.widen < 0 or not 9 <= self.wide_bits <= 16:
+            raise ValueError(f"sensitivity widen must be >= 0 and wide_bits in [9, 16], got widen={self.widen}, "
+                             f"wide_bits={self.wide_bits}")
+        if self.weight_bits and not 2 <= self.weight_bits <= 8:
+            raise ValueError(f"sensitivity weight_bits must be 0 or in [2, 8], got {self.weight_bits}")
+        gm, qparams = graph.gm, graph.meta["qparams"]
+        acts = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is FQ and QTENSOR in n.meta]
+        all_wq = [n for n in graph.graph.nodes if n.op == "get_attr" and FLOAT_WEIGHT in n.meta]
+        wq = all_wq if self.weights else []
+        if not acts and not all_wq:
+            raise ValueError("sensitivity found no fake-quant nodes: run 'fakequant' before it")
+        floats = {n: _attr(gm, n.meta[FLOAT_WEIGHT]) for n in all_wq}
+        interp = _Toggle(gm, set(acts), floats)
+
+        # the measured samples: n evenly spaced over the calibration set (which is sorted by nothing
+        # in particular: NDTC draws t at random), the same noise for every tensor
+        total = cs.x.shape[0]
+        idx = torch.linspace(0, total - 1, min(self.n, total)).round().long().unique()
+        device = graph.example_inputs[0].device
+        size = self.batch_size if graph.dynamic_batch else int(graph.example_inputs[0].shape[0])
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((idx.numel(), *cs.x.shape[1:]), generator=g)
+        chunks = [(cs.x[idx[i:i + size]], cs.t[idx[i:i + size]], noise[i:i + size]) for i in range(0, idx.numel(), size)]
+        if not graph.dynamic_batch:
+            chunks = [c for c in chunks if c[0].shape[0] == size]
+            if not chunks:
+                raise ValueError(f"sensitivity: the graph was captured with a static batch of {size} and n={self.n} "
+                                 f"gives no full batch; pass n >= {size}")
+
+        def run(on=(), swap=None, data=None) -> list[torch.Tensor]:
+            interp.on, interp.swap = set(on), dict(swap or {})
+            outs = []
+            with torch.no_grad():
+                for x, t, nz in (chunks if data is None else data):
+                    outs.append(interp.run(x.to(device), t.to(device), nz.to(device))[0].float().cpu())
+            return outs
+
+        ref = run()
+        denom = sum(float(r.pow(2).sum()) for r in ref)
+
+        def err(outs) -> float:   # squared error of x_{t-1}, relative to its energy
+            return sum(float((o - r).pow(2).sum()) for o, r in zip(outs, ref)) / max(denom, 1e-30)
+
+        low: dict = {}
+        if self.weight_bits and self.weights:
+            for n in wq:
+                qt = n.meta[QTENSOR]
+                if _bits(qparams[qt.key]) <= self.weight_bits:
+                    continue
+                w = floats[n].float()
+                qmax = 2 ** (self.weight_bits - 1) - 1
+                qp = solve_mse(w, -qmax, qmax, True, qparams[qt.key].axis, name=qt.key)
+                low[n] = fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis).to(floats[n].dtype)
+        jobs = [(n, None) for n in acts + wq] + [(n, self.weight_bits) for n in wq if n in low]
+
+        def measure() -> dict:
+            it = dist.my_batches(jobs)
+            if ctx.progress:
+                from tqdm import tqdm
+
+                it = tqdm(it, desc="sensitivity", unit="tensor", leave=False)
+            out = {}
+            for j, (n, bits) in it:
+                out[j] = err(run(swap={n: low[n]}) if bits else run(on={n}))
+            return out
+
+        errors = dist.gather_batches("sensitivity", measure)
+        rows, by_key = [], {}
+        for j, (n, bits) in enumerate(jobs):
+            qt = n.meta[QTENSOR]
+            if bits is not None:
+                by_key[qt.key][f"error_w{bits}"] = errors[j]
+                continue
+            qp = qparams[qt.key]
+            row = {"key": qt.key, "role": qt.spec.role, "bits": _bits(qp), "error": errors[j],
+                   "elements": int(floats[n].numel()) if n in floats else None}
+            by_key[qt.key] = row
+            rows.append(row)
+        s = sum(r["error"] for r in rows) or 1.0
+        for r in rows:
+            r["share"] = r["error"] / s
+        rows.sort(key=lambda r: -r["error"])
+        together = err(run(on=set(acts) | set(all_wq)))
+        full = [(cs.x[i:i + size], cs.t[i:i + size], torch.zeros_like(cs.x[i:i + size]))
+                for i in range(0, total, size) if graph.dynamic_batch or min(size, total - i) == size]
+        widened = self._widen(graph, acts, interp, rows, run, full) if self.widen else []
+        if widened:   # the solver's report names the width each tensor ends with
+            import dataclasses
+
+            ctx.results["solve"] = [dataclasses.replace(r, spec=f"{r.spec} -> int{self.wide_bits} (sensitivity widen; "
+                                                        f"errors are the 8-bit solve's)",
+                                                        scale=float(qparams[r.key].scale.float().mean()),
+                                                        zero_point=int(qparams[r.key].zero_point.flatten()[0]))
+                                    if r.key in widened else r for r in ctx.results.get("solve", [])]
+        result = {"rows": rows, "n": int(idx.numel()), "error_all": together, "error_sum": s, "widened": widened}
+        if widened:
+            interp.watch = {}
+            result["error_all_widened"] = err(run(on=set(acts) | set(all_wq)))
+        ctx.results["sensitivity"] = result
+
+    def _widen(self, graph: StepGraph, acts, interp: _Toggle, rows, run, full) -> list[str]:
+        """Give the `widen` costliest activations (not already wider than 8 bits) 16-bit qparams over
+        the range their float input takes on the whole calibration set."""
+        qparams, gm = graph.meta["qparams"], graph.gm
+        by_key = {n.meta[QTENSOR].key: n for n in acts}
+        pick = [r["key"] for r in rows if r["key"] in by_key and r["role"] != "weight" and r["bits"] <= 8][: self.widen]
+        if not pick:
+            return []
+        interp.watch = {by_key[k]: (None, None) for k in pick}
+        run(data=full)   # the float graph over the whole calibration set, recording the inputs' range
+        lo_hi, interp.watch = dict(interp.watch), {}
+        half = 2 ** (self.wide_bits - 1)
+        for k in pick:
+            n = by_key[k]
+            lo, hi = lo_hi[n]
+            old = qparams[k]
+            # the solved 8-bit range is inside the observed one unless the solver widened it: keep the union
+            r_lo = (old.qmin - old.zero_point.float()) * old.scale.float()
+            r_hi = (old.qmax - old.zero_point.float()) * old.scale.float()
+            lo, hi = torch.minimum(lo.cpu(), r_lo.min().cpu()), torch.maximum(hi.cpu(), r_hi.max().cpu())
+            qp = qparams_from_range(lo, hi, -half, half - 1, False)
+            s_node, z_node = n.args[1], n.args[2]
+            grouped = s_node.target is aten.index.Tensor
+            if grouped:
+                s_node, z_node = s_node.args[0], z_node.args[0]
+            s_buf, z_buf = _attr(gm, s_node.target), _attr(gm, z_node.target)
+            s_buf.copy_(qp.scale.to(s_buf).expand_as(s_buf))
+            z_buf.copy_(qp.zero_point.to(z_buf).expand_as(z_buf))
+            n.args = (n.args[0], n.args[1], n.args[2], -half, half - 1, *n.args[5:])
+            qparams[k] = QParams(s_buf.detach().clone(), z_buf.detach().clone(), -half, half - 1, old.axis, old.groups)
+        gm.recompile()
+        return pick
