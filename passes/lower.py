@@ -195,6 +195,9 @@ class Lower:
                 w = n.args[1]
                 qt = w.meta.get(QTENSOR) if isinstance(w, fx.Node) else None
                 if x_parts is None or qt is None or qt.key not in qparams:
+                    x = n.args[0]
+                    if isinstance(x, fx.Node) and x.target is FQ and (x.args[3] < -128 or x.args[4] > 127):
+                        kept.append((n.name, f"input quantized to [{x.args[3]}, {x.args[4]}], wider than int8"))
                     continue
                 wqp = qparams[qt.key]
                 if wqp.qmin < -128 or wqp.qmax > 127:

@@ -1,6 +1,8 @@
 """sensitivity: each quantized tensor's part of the step's error, and widen (the costliest
 activations at 16 bits)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -115,6 +117,14 @@ def test_widen_gives_the_costliest_activations_16_bits(tiny_unet, tmp_path):
     t = step.sampler.timesteps[[0, 3, 6, 9]]
     with torch.no_grad():
         torch.testing.assert_close(graph(x, t, noise)[0], wide.graph(x, t, noise)[0], rtol=0, atol=1e-5)
+    # lowering leaves the layers that read a 16-bit activation in float and says so
+    readers = {n.name for n in wide.graph.graph.nodes if n.op == "call_function" and n.args
+               and getattr(n.args[0], "target", None) is FQ and n.args[0].meta["ptq4dm.qtensor"].key in acts[:3]
+               and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)}
+    for backend in ("triton", "x86"):
+        kept = {name for name, why in ptq4dm.lower(copy.deepcopy(graph), backend=backend)["kept"]
+                if "wider than int8" in why or "not 8 bits" in why}
+        assert readers and readers <= kept, (backend, readers, kept)
 
 
 def test_sensitivity_says_where_it_belongs(tiny_unet):
