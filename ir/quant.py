@@ -220,3 +220,26 @@ def solve_mse(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, axis: int 
     if axis is None:
         return QParams(qp.scale.reshape(()), qp.zero_point.reshape(()), qmin, qmax, None)
     return QParams(qp.scale, qp.zero_point, qmin, qmax, axis)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit codes per byte: ``codes`` (any shape, values in [-8, 7]) flattened, offset
+    by 8 to [0, 15]; element 2i in the low nibble of byte i, 2i + 1 in the high one (a zero nibble
+    pads an odd count). ``unpack_int4(pack_int4(c), c.numel()).reshape(c.shape) == c``."""
+    flat = codes.reshape(-1).to(torch.int16)
+    if flat.numel() and (int(flat.min()) < -8 or int(flat.max()) > 7):
+        raise ValueError(f"pack_int4: codes must lie in [-8, 7], got [{int(flat.min())}, {int(flat.max())}]")
+    u = (flat + 8).to(torch.uint8)
+    if u.numel() % 2:
+        u = torch.cat([u, u.new_zeros(1)])
+    return u[0::2] | (u[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The int8 codes ``pack_int4`` stored (flat, ``numel`` of them)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"unpack_int4: expected a 1-D uint8 tensor of {(numel + 1) // 2} bytes for {numel} codes, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    lo = (packed & 0xF).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], 1).reshape(-1)[:numel]

@@ -32,6 +32,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 # One safetensors file, loaded without executing code (no pickle):
 #   tensors  "fp/<param>"        float parameters of the UNet that are not quantized
 #            "w/<key>"           int8 (int16 above 8 bits) weight codes, per output channel
+#            "w4/<key>"          weights of 4 bits or fewer: the codes two per byte (ir.quant.pack_int4),
+#                                their shape in the spec's "shape"; "bits" in each spec is the grid's width
 #            "w_scale/<key>", "w_zp/<key>"   their scales / zero points
 #            "a_scale/<key>", "a_zp/<key>"   activation / output ranges (tables if per-timestep)
 #            "bc_table/<bias>"   bias_correct{groups=G}: the (G, C) correction added after the layer

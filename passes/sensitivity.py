@@ -95,6 +95,10 @@ class Sensitivity:
     weights: bool = True   # measure the weights too (false: activations and outputs only, what widen ranks)
     weight_bits: int = 4   # also measure each weight at this width (0: only at its own)
     widen: int = 0         # the `widen` activation quantizers with the largest error -> wide_bits
+    refine: int = 0        # the `refine` costliest 8-bit activations (-1: all) get the scale that minimises
+                           # the step's x_{t-1} error with everything quantized (coordinate descent over a grid)
+    budget: float = 0.0    # > 0: mixed weight precision, at most this many bits per weight on average
+                           # (each weight at its own bits or at weight_bits, least summed error)
     wide_bits: int = 16
     seed: int = 0          # the noise of the DDPM step's x_{t-1} (the same for every tensor)
 
@@ -115,6 +119,11 @@ class Sensitivity:
                              f"wide_bits={self.wide_bits}")
         if self.weight_bits and not 2 <= self.weight_bits <= 8:
             raise ValueError(f"sensitivity weight_bits must be 0 or in [2, 8], got {self.weight_bits}")
+        if self.refine < -1:
+            raise ValueError(f"sensitivity refine must be -1 (all activations), 0 (off) or a count, got {self.refine}")
+        if self.budget and not (self.weights and self.weight_bits):
+            raise ValueError(f"sensitivity budget={self.budget} picks each weight's bits from its error at its own "
+                             f"width and at weight_bits: it needs weights=true and weight_bits in [2, 8]")
         gm, qparams = graph.gm, graph.meta["qparams"]
         acts = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is FQ and QTENSOR in n.meta]
         all_wq = [n for n in graph.graph.nodes if n.op == "get_attr" and FLOAT_WEIGHT in n.meta]
@@ -204,11 +213,76 @@ class Sensitivity:
                                                         scale=float(qparams[r.key].scale.float().mean()),
                                                         zero_point=int(qparams[r.key].zero_point.flatten()[0]))
                                     if r.key in widened else r for r in ctx.results.get("solve", [])]
+        refined = self._refine(graph, acts, all_wq, rows, run, err, ctx.progress) if self.refine else None
+        if refined and refined["factors"]:
+            import dataclasses
+
+            f = refined["factors"]
+            ctx.results["solve"] = [dataclasses.replace(r, spec=f"{r.spec} (sensitivity refine: scale x{f[r.key]})",
+                                                        scale=float(qparams[r.key].scale.detach().float().mean()))
+                                    if r.key in f else r for r in ctx.results.get("solve", [])]
+        mixed = self._mix(graph, wq, floats, low, rows) if self.budget else None
+        if mixed:   # the solver's report names the width each weight ends with
+            import dataclasses
+
+            lowered = {r["key"]: r["bits"] for r in mixed["layers"] if r["bits"] < r["own_bits"]}
+            ctx.results["solve"] = [dataclasses.replace(r, spec=f"{r.spec} -> int{lowered[r.key]} (sensitivity budget "
+                                                        f"{self.budget} bits / weight)",
+                                                        scale=float(qparams[r.key].scale.detach().float().mean()))
+                                    if r.key in lowered else r
+                                    for r in ctx.results.get("solve", [])]
         result = {"rows": rows, "n": int(idx.numel()), "error_all": together, "error_sum": s, "widened": widened}
+        if mixed:
+            result["mixed"] = mixed
+        if refined:
+            result["refined"] = refined
         if widened:
             interp.watch = {}
             result["error_all_widened"] = err(run(on=set(acts) | set(all_wq)))
+        if mixed:
+            result["error_all_mixed"] = err(run(on=set(acts) | set(all_wq)))
         ctx.results["sensitivity"] = result
+
+    REFINE_GRID = (0.6, 0.7, 0.8, 0.9, 1.1, 1.25, 1.5)
+
+    def _refine(self, graph: StepGraph, acts, all_wq, rows, run, err, progress: bool) -> dict:
+        """Output-aware ranges: the solver fits each activation's range to that tensor's own error;
+        here the costliest ones, in sensitivity order, take the scale (the solved one times a factor
+        from REFINE_GRID, zero point kept) that gives the least error of x_{t-1} with every quantizer
+        on, each choice made with the previous ones in place (one sweep of coordinate descent, on the
+        same measured samples as the ranking)."""
+        qparams, gm = graph.meta["qparams"], graph.gm
+        by_key = {n.meta[QTENSOR].key: n for n in acts}
+        keys = [r["key"] for r in rows if r["key"] in by_key and r["role"] != "weight"
+                and _bits(qparams[r["key"]]) <= 8]
+        if self.refine > 0:
+            keys = keys[: self.refine]
+        on = set(acts) | set(all_wq)
+        best = start = err(run(on=on))
+        factors = {}
+        it = keys
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(keys, desc="sensitivity refine", unit="tensor", leave=False)
+        for k in it:
+            n = by_key[k]
+            s_node = n.args[1]
+            if s_node.target is aten.index.Tensor:
+                s_node = s_node.args[0]
+            s_buf = _attr(gm, s_node.target)
+            base, pick = s_buf.detach().clone(), 1.0
+            for c in self.REFINE_GRID:
+                s_buf.copy_(base * c)
+                e = err(run(on=on))
+                if e < best:
+                    best, pick = e, c
+            s_buf.copy_(base * pick)
+            if pick != 1.0:
+                old = qparams[k]
+                qparams[k] = QParams(s_buf.detach().clone(), old.zero_point, old.qmin, old.qmax, old.axis, old.groups)
+                factors[k] = pick
+        return {"tensors": len(keys), "factors": factors, "error_before": start, "error_after": best}
 
     def _widen(self, graph: StepGraph, acts, interp: _Toggle, rows, run, full) -> list[str]:
         """Give the `widen` costliest activations (not already wider than 8 bits) 16-bit qparams over
@@ -242,3 +316,54 @@ class Sensitivity:
             qparams[k] = QParams(s_buf.detach().clone(), z_buf.detach().clone(), -half, half - 1, old.axis, old.groups)
         gm.recompile()
         return pick
+
+    def _mix(self, graph: StepGraph, wq, floats: dict, low: dict, rows) -> dict:
+        """A bit width per weight for an average of at most ``budget`` bits per weight with the least
+        summed error: every weight starts at ``weight_bits``, then weights move back to their own
+        width in the order of error saved per extra bit (the greedy answer to this knapsack; the
+        errors are the single-tensor errors measured above, which add up when they are small). The
+        weights left at ``weight_bits`` get their low-bit buffers and qparams."""
+        qparams, gm = graph.meta["qparams"], graph.gm
+        by_key = {r["key"]: r for r in rows}
+        layers = []
+        for n in wq:
+            key = n.meta[QTENSOR].key
+            own = _bits(qparams[key])
+            r = by_key[key]
+            lo_err = r.get(f"error_w{self.weight_bits}", r["error"])   # already at or under weight_bits: stays
+            layers.append({"key": key, "node": n, "elements": int(floats[n].numel()), "own_bits": own,
+                           "low_bits": min(own, self.weight_bits), "error_own": r["error"], "error_low": lo_err})
+        total = sum(l["elements"] for l in layers)
+        budget_bits = float(self.budget) * total
+        used = sum(l["low_bits"] * l["elements"] for l in layers)
+        if used > budget_bits:
+            raise ValueError(f"sensitivity budget={float(self.budget):g} bits per weight is below what every weight at "
+                             f"weight_bits={self.weight_bits} takes ({used / total:.2f}); raise it or lower weight_bits")
+        for l in layers:
+            l["bits"] = l["low_bits"]
+        gain = lambda l: (l["error_low"] - l["error_own"]) / ((l["own_bits"] - l["low_bits"]) * l["elements"])
+        for l in sorted((l for l in layers if l["own_bits"] > l["low_bits"]), key=gain, reverse=True):
+            extra = (l["own_bits"] - l["low_bits"]) * l["elements"]
+            if used + extra <= budget_bits:
+                l["bits"], used = l["own_bits"], used + extra
+        for l in layers:
+            if l["bits"] == l["own_bits"]:
+                continue
+            n, key, old = l["node"], l["key"], qparams[l["key"]]
+            qmax = 2 ** (l["bits"] - 1) - 1
+            qp = solve_mse(floats[n].float(), -qmax, qmax, True, old.axis, name=key)
+            buf = _attr(gm, n.target)
+            buf.copy_(low[n].to(buf))
+            qparams[key] = QParams(qp.scale.to(old.scale), qp.zero_point.to(old.zero_point), qp.qmin, qp.qmax,
+                                   old.axis, old.groups)
+        err_sum = sum(l["error_own"] if l["bits"] == l["own_bits"] else l["error_low"] for l in layers) or 1.0
+        table = [{"key": l["key"], "bits": l["bits"], "own_bits": l["own_bits"], "elements": l["elements"],
+                  "bytes": l["elements"] * l["bits"] / 8,
+                  "error": l["error_own"] if l["bits"] == l["own_bits"] else l["error_low"]} for l in layers]
+        for r in table:
+            r["share"] = r["error"] / err_sum
+        table.sort(key=lambda r: -r["error"])
+        return {"budget": float(self.budget), "average_bits": used / total, "weights": total,
+                "bytes": sum(r["bytes"] for r in table), "bytes_at_own_bits": sum(l["own_bits"] * l["elements"] / 8
+                                                                                for l in layers),
+                "layers": table}

@@ -104,6 +104,27 @@ class QuantReport:
                          f"{sens['error_all_widened']:.3e}")
         return "\n".join(lines)
 
+    def bits_table(self, limit: int | None = None) -> str:
+        """The sensitivity pass's mixed weight precision (``sensitivity{budget=B}``): per weight, the
+        bits it got, its size and its share of the weights' summed error."""
+        mixed = self.sensitivity.get("mixed") if self.sensitivity else None
+        if not mixed:
+            return "no mixed weight precision in this pipeline (add 'sensitivity{budget=5}' after 'fakequant')"
+        rows = mixed["layers"] if limit is None else mixed["layers"][:limit]
+        head = f"{'weight':<58} {'bits':>4} {'elements':>9} {'bytes':>9} {'rel. error':>11} {'share':>7}"
+        lines = [head, "-" * len(head)]
+        for r in rows:
+            lines.append(f"{r['key'][:58]:<58} {r['bits']:>4} {r['elements']:>9,} {r['bytes']:>9,.0f} "
+                         f"{r['error']:>11.3e} {100 * r['share']:>6.1f}%")
+        if limit is not None and len(mixed["layers"]) > limit:
+            lines.append(f"... {len(mixed['layers']) - limit} more weights")
+        low = sum(r["bits"] < r["own_bits"] for r in mixed["layers"])
+        lines.append(f"{low} of {len(mixed['layers'])} weights lowered; {mixed['average_bits']:.2f} bits per weight on "
+                     f"average (budget {mixed['budget']}): {mixed['bytes'] / 1e3:,.1f} kB against "
+                     f"{mixed['bytes_at_own_bits'] / 1e3:,.1f} kB; x_{{t-1}} error with everything quantized: "
+                     f"{self.sensitivity['error_all']:.3e} -> {self.sensitivity['error_all_mixed']:.3e}")
+        return "\n".join(lines)
+
 
 @dataclass
 class QuantResult:
@@ -133,7 +154,8 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
              graph: StepGraph | None = None) -> QuantResult:
     """Run PTQ4DM on ``step``: capture, then ``pipeline``, and return the simulated quantized graph
     and a report. ``pipeline``: a named preset (``ptq4dm.passes.PRESETS``) or a pass list.
-    "recommended" (the default): the paper's passes + ``bias_correct{groups=10}``, with conv_in /
+    "recommended" (the default): the paper's passes + ``sensitivity{widen=4,weights=false}`` (the
+    four activations that cost x_{t-1} the most at 8 bits get 16) + ``bias_correct{groups=10}``, with conv_in /
     conv_out and the time-embedding path in float and mean / variance / x_{t-1} at 16 bits unless ``policy`` says otherwise
     (why: docs/results.md, "DDIM"). "ptq4dm-paper": the paper's full setting
     (``decompose_attention,mark,observe,calibrate,solve,fakequant``, everything at 8 bits). A

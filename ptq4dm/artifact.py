@@ -9,6 +9,7 @@ fake-quant graph computes exactly what the in-memory one did.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from ptq4dm.api import QuantResult, capture_step, weights_hash
 from ptq4dm.ir.graph import StepGraph
-from ptq4dm.ir.quant import QParams, dequantize, quantize
+from ptq4dm.ir.quant import QParams, dequantize, pack_int4, quantize, unpack_int4
 from ptq4dm.ir.serialize import ArtifactError, load_artifact, save_artifact
 from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
@@ -52,14 +53,19 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
     quantized_params = set()
     for qt in qtensors(result.graph):
         qp = qparams[qt.key]
-        bits = max(qt.spec.bits, (qp.qmax - qp.qmin).bit_length())   # a widened tensor's grid is wider than its spec
+        bits = (qp.qmax - qp.qmin).bit_length()   # the grid's width: a widened or mixed-precision tensor differs from its spec
         spec = {"key": qt.key, "role": qt.spec.role, "bits": bits, "qmin": qp.qmin, "qmax": qp.qmax,
                 "axis": qp.axis, "groups": qp.groups, "symmetric": qt.spec.symmetric, "consumer": qt.consumer,
                 "source": qt.source}
         if qt.spec.role == "weight":
             pname = _weight_param_name(result.fp_graph, qt.source)
             w = getattr_path(result.fp_graph.gm, qt.source, result.fp_graph).detach().float()
-            tensors[f"w/{qt.key}"] = quantize(w, qp, torch.int8 if qt.spec.bits <= 8 else torch.int16)
+            codes = quantize(w, qp, torch.int8 if bits <= 8 else torch.int16)
+            if bits <= 4:   # two codes per byte
+                tensors[f"w4/{qt.key}"] = pack_int4(codes)
+                spec["shape"] = list(codes.shape)
+            else:
+                tensors[f"w/{qt.key}"] = codes
             tensors[f"w_scale/{qt.key}"], tensors[f"w_zp/{qt.key}"] = qp.scale.float(), qp.zero_point
             spec["param"] = pname
             quantized_params.add(pname.removeprefix("unet."))
@@ -131,7 +137,12 @@ def load(path: str | Path, expect_fp_weights: torch.nn.Module | None = None, dev
         qps[key] = qp
         if s["role"] == "weight":
             name = s["param"].removeprefix("unet.")
-            new_state[name] = dequantize(tensors[f"w/{key}"], qp).reshape(state[name].shape)
+            try:
+                codes = (unpack_int4(tensors[f"w4/{key}"], math.prod(s["shape"])).reshape(s["shape"])
+                         if f"w4/{key}" in tensors else tensors[f"w/{key}"])
+            except KeyError as e:
+                raise ArtifactError(f"{path}: tensor {e} is missing; the file is incomplete") from None
+            new_state[name] = dequantize(codes, qp).reshape(state[name].shape)
     for k, v in tensors.items():
         if k.startswith("fp/"):
             new_state[k[3:]] = v

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ptq4dm
 from ptq4dm.models.samplers import make_sampler
@@ -127,6 +129,95 @@ def test_widen_gives_the_costliest_activations_16_bits(tiny_unet, tmp_path):
         assert readers and readers <= kept, (backend, readers, kept)
 
 
+def test_a_bit_budget_puts_4_bits_where_they_cost_least(tiny_unet, tmp_path):
+    """sensitivity{budget=B}: average weight bits within B, the lowered weights are 4-bit in the
+    graph, the report and the artifact (two codes per byte, a smaller file), and the mixed graph
+    is closer to float than every weight at 4 bits."""
+    step = _step(tiny_unet)
+    cal = NDTC(n=16)
+    mixed = ptq4dm.quantize(step, calibration=cal, progress=False,
+                            pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16,budget=6}")
+    m = mixed.report.sensitivity["mixed"]
+    assert 4.0 <= m["average_bits"] <= 6.0
+    assert sum(r["elements"] * r["bits"] for r in m["layers"]) <= 6.0 * m["weights"]
+    low = {r["key"] for r in m["layers"] if r["bits"] == 4}
+    high = {r["key"] for r in m["layers"] if r["bits"] == 8}
+    assert low and high and len(low) + len(high) == len(m["layers"])
+    for k in low:
+        assert (mixed.graph.meta["qparams"][k].qmin, mixed.graph.meta["qparams"][k].qmax) == (-7, 7)
+    assert all("int4" in r.spec for r in mixed.report.tensors if r.key in low)
+    # the greedy order: a weight kept at 8 bits saves at least as much error per extra bit as any
+    # 4-bit weight that would also have fitted
+    rows = {r["key"]: r for r in mixed.report.sensitivity["rows"]}
+    el = {r["key"]: r["elements"] for r in m["layers"]}
+    per_bit = lambda k: (rows[k]["error_w4"] - rows[k]["error"]) / (4 * el[k])   # noqa: E731
+    spare = 6.0 * m["weights"] - sum(r["elements"] * r["bits"] for r in m["layers"])
+    fits = [k for k in low if 4 * el[k] <= spare]
+    assert not fits   # greedy stops only when no lowered weight fits in what is left
+    assert max(per_bit(k) for k in high) >= min(per_bit(k) for k in low)
+    w4 = ptq4dm.quantize(step, calibration=cal, progress=False, policy=W4,
+                         pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16}")
+    w8 = ptq4dm.quantize(step, calibration=cal, progress=False, pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16}")
+    assert w8.report.sensitivity["error_all"] <= mixed.report.sensitivity["error_all_mixed"]
+    assert mixed.report.sensitivity["error_all_mixed"] < w4.report.sensitivity["error_all"]
+    assert _x_err(mixed, step) < _x_err(w4, step)
+    assert "lowered" in mixed.report.bits_table()
+    # the artifact: 4-bit codes two per byte, bits in the header, the same graph after loading
+    from ptq4dm import artifact
+    from ptq4dm.ir.serialize import load_artifact
+
+    pm, p8 = tmp_path / "mixed.safetensors", tmp_path / "w8.safetensors"
+    artifact.save(mixed, step, pm)
+    artifact.save(w8, step, p8)
+    tensors, header = load_artifact(pm)
+    bits = {s["key"]: s["bits"] for s in header["specs"]}
+    assert {k for k in bits if bits[k] == 4} == low
+    assert all(f"w4/{k}" in tensors and tensors[f"w4/{k}"].numel() == (el[k] + 1) // 2 for k in low)
+    saved = sum(el[k] for k in low) / 2
+    assert pm.stat().st_size < p8.stat().st_size - 0.9 * saved
+    graph, _, _ = artifact.load(pm)
+    g = torch.Generator().manual_seed(2)
+    x, noise = torch.randn((3, *step.sample_shape(1)[1:]), generator=g), torch.zeros(3, *step.sample_shape(1)[1:])
+    t = step.sampler.timesteps[[0, 4, 9]]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x, t, noise)[0], mixed.graph(x, t, noise)[0], rtol=0, atol=1e-5)
+
+
+def test_refine_rechooses_activation_scales_against_the_output(tiny_unet):
+    """refine: the activations' scales move only where the step's x_{t-1} error falls, the graph and
+    the qparams agree afterwards, and the error on inputs it never saw does not grow by much."""
+    step = _step(tiny_unet)
+    base = ptq4dm.quantize(step, calibration=NDTC(n=32), progress=False,
+                           pipeline=DEFAULT_PIPELINE + ",sensitivity{n=32,weights=false}")
+    ref = ptq4dm.quantize(step, calibration=NDTC(n=32), progress=False,
+                          pipeline=DEFAULT_PIPELINE + ",sensitivity{n=32,weights=false,refine=-1}")
+    r = ref.report.sensitivity["refined"]
+    assert r["tensors"] == sum(1 for x in base.report.sensitivity["rows"] if x["role"] != "weight")
+    assert r["error_after"] <= r["error_before"] == pytest.approx(base.report.sensitivity["error_all"])
+    qb, qr = base.graph.meta["qparams"], ref.graph.meta["qparams"]
+    for k in qb:
+        f = r["factors"].get(k, 1.0)
+        torch.testing.assert_close(qr[k].scale, qb[k].scale * f)
+    fq = {n.meta["ptq4dm.qtensor"].key: n for n in ref.graph.graph.nodes if n.target is FQ}
+    for k, f in r["factors"].items():
+        s_node = fq[k].args[1]
+        torch.testing.assert_close(getattr(ref.graph.gm, s_node.target), qr[k].scale)
+    if r["factors"]:
+        assert r["error_after"] < r["error_before"]
+    assert _x_err(ref, step, n=48, seed=11) < 1.25 * _x_err(base, step, n=48, seed=11)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-8, 7), min_size=0, max_size=67))
+def test_int4_packing_round_trips(codes):
+    from ptq4dm.ir.quant import pack_int4, unpack_int4
+
+    c = torch.tensor(codes, dtype=torch.int8)
+    packed = pack_int4(c)
+    assert packed.dtype == torch.uint8 and packed.numel() == (len(codes) + 1) // 2
+    assert torch.equal(unpack_int4(packed, len(codes)), c)
+
+
 def test_sensitivity_says_where_it_belongs(tiny_unet):
     step = _step(tiny_unet)
     with pytest.raises(ValueError, match="before bias_correct"):
@@ -135,6 +226,12 @@ def test_sensitivity_says_where_it_belongs(tiny_unet):
     with pytest.raises(ValueError, match="run 'fakequant' before it"):
         ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False,
                         pipeline="decompose_attention,mark,observe,calibrate,solve,sensitivity")
+    with pytest.raises(ValueError, match="needs weights=true"):
+        ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False,
+                        pipeline=DEFAULT_PIPELINE + ",sensitivity{budget=5,weights=false}")
+    with pytest.raises(ValueError, match="budget=3 bits per weight is below"):
+        ptq4dm.quantize(step, calibration=NDTC(n=8), progress=False,
+                        pipeline=DEFAULT_PIPELINE + ",sensitivity{n=8,budget=3}")
     with pytest.raises(ValueError, match="widen must be >= 0"):
         ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False,
                         pipeline=DEFAULT_PIPELINE + ",sensitivity{widen=-1}")

@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     stages["save"] = time.perf_counter() - t1
     report = result.report.to_dict()
     atomic_write_json(out.with_suffix(".report.json"), report)
-    atomic_write_text(out.with_suffix(".report.txt"), result.report.table())
+    atomic_write_text(out.with_suffix(".report.txt"), result.report.table() + (
+        "\n\nsensitivity (each tensor alone quantized)\n" + result.report.sensitivity_table()
+        if result.report.sensitivity else ""))
     grid = None
     if args.sample:
         t1 = time.perf_counter()
@@ -269,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     gain = result.report.total_error_minmax / max(result.report.total_error, 1e-30)
     print(f"  error vs min-max {result.report.total_error:.4g} vs {result.report.total_error_minmax:.4g} "
           f"(MSE solver {gain:.2f}x lower)")
+    sens = result.report.sensitivity
+    if sens:
+        top = ", ".join(f"{r['key'].split(':')[-1]} {100 * r['share']:.0f}%" for r in sens["rows"][:3])
+        wide = (f"; widened to 16 bits: {len(sens['widened'])} activations, x_{{t-1}} error {sens['error_all']:.3g} -> "
+                f"{sens['error_all_widened']:.3g}" if sens.get("widened") else "")
+        print(f"  sensitivity      costliest: {top} of the step's error{wide} (table: {out.with_suffix('.report.txt')})")
     bc = result.report.bias_correction
     if bc:
         rel = [x["mean_abs_shift"] / max(x["bias_mean_abs"], 1e-12) for x in bc["shifts"]]

@@ -53,6 +53,11 @@ CFG = {
  "rec-widen2": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=2}" + BC, "mse"),
  "rec-widen4": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=4}" + BC, "mse"),
  "rec-widen8": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=8}" + BC, "mse"),
+ # ... and the next 8 / all activations' scales re-chosen against the step's x_{t-1} error (refine)
+ "rec-widen4-refine8": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                        ",sensitivity{widen=4,weights=false,refine=8}" + BC, "mse"),
+ "rec-widen4-refineall": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                          ",sensitivity{widen=4,weights=false,refine=-1}" + BC, "mse"),
 }
 p = argparse.ArgumentParser(); p.add_argument("cfgs", nargs="+"); p.add_argument("--n", type=int, default=300)
 p.add_argument("--seed", type=int, default=11); p.add_argument("--calib-seed", type=int, default=None)
