@@ -27,12 +27,14 @@ from .solve import MSE, MinMax, Solve, TensorReport
 
 DEFAULT_PIPELINE = "decompose_attention,mark,observe,calibrate,solve,fakequant"   # the paper's passes
 PAPER_PIPELINE = DEFAULT_PIPELINE
-RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",bias_correct{groups=10}"
+RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",sensitivity{widen=4,weights=false},bias_correct{groups=10}"
 
 # Named pipelines for ``ptq4dm.quantize(pipeline=...)``: the passes and the policy they are meant with
 # (an explicit ``policy=`` still wins). "recommended" (the default of ``ptq4dm.quantize`` and of
 # tools/quantize.py) is measured in docs/results.md
-# ("DDIM"): the paper's passes, bias correction per 1/10 of the sampler's steps, conv_in / conv_out
+# ("DDIM"): the paper's passes, the sensitivity pass widening the 4 activations that cost the
+# step's x_{t-1} the most to 16 bits (measured on the calibration set, so on the step's own sampler),
+# bias correction per 1/10 of the sampler's steps, conv_in / conv_out
 # and the time-embedding path (layers whose input depends on t alone) in float and the sampler's
 # mean / variance / x_{t-1} at 16 bits. "ptq4dm-paper" is the paper's
 # full setting: every conv / linear / attention matmul and the three outputs at 8 bits.

@@ -51,12 +51,19 @@ class Config:
     bias_correct: bool = False      # the bias_correct pass after fakequant (Nagel et al. 2019; not PTQ4DM's)
     bias_groups: int = 1            # > 1: bias_correct{groups=G}, a correction per group of sampler steps (ours)
     preset: str = ""                # a named pipeline (ptq4dm.passes.PRESETS) with its own policy: the fields above are ignored
+    passes: str = ""                # with preset: this pass list instead of the preset's (its policy kept)
 
 
 CONFIGS = [
     Config("fp", "FP32", calibration=""),
     Config("recommended", "W8A8 recommended (PTQ4DM + bias corr. 1/10; conv_in/out + time emb. FP, outputs 16-bit)",
            preset="recommended"),
+    Config("recommended-widen0", "W8A8 recommended without the sensitivity pass (no activation widened)",
+           preset="recommended", passes="decompose_attention,mark,observe,calibrate,solve,fakequant,bias_correct{groups=10}"),
+    Config("recommended-widen8", "W8A8 recommended, 8 activations widened to 16 bits",
+           preset="recommended",
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=8,weights=false},"
+                  "bias_correct{groups=10}"),
     Config("paper", "W8A8 PTQ4DM, the paper's full setting (pipeline 'ptq4dm-paper')", preset="ptq4dm-paper"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
@@ -119,8 +126,12 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
     from ptq4dm.passes import DEFAULT_PIPELINE, MSE, NDTC, MinMax, RandomNoise, Single, Uniform
 
     if cfg.preset:   # as a user gets it: the preset's passes and policy, the default solver
+        from ptq4dm.passes import PRESETS
+
+        pipeline, policy = PRESETS[cfg.preset]
         return ptq4dm.quantize(step, calibration=NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
-                               pipeline=cfg.preset, cache_dir=cache_dir)
+                               pipeline=cfg.passes or cfg.preset, policy=policy if cfg.passes else None,
+                               cache_dir=cache_dir)
     calib = {"ndtc": lambda: NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
              "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),
              "random": lambda: RandomNoise(n=calib_n, seed=calib_seed)}[cfg.calibration]()
