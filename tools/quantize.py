@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out.with_suffix(".report.json"), report)
     atomic_write_text(out.with_suffix(".report.txt"), result.report.table() + (
         "\n\nsensitivity (each tensor alone quantized)\n" + result.report.sensitivity_table()
-        if result.report.sensitivity else ""))
+        if result.report.sensitivity else "") + (
+        "\n\nmixed weight precision\n" + result.report.bits_table() if result.report.sensitivity.get("mixed") else ""))
     grid = None
     if args.sample:
         t1 = time.perf_counter()
@@ -277,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         wide = (f"; widened to 16 bits: {len(sens['widened'])} activations, x_{{t-1}} error {sens['error_all']:.3g} -> "
                 f"{sens['error_all_widened']:.3g}" if sens.get("widened") else "")
         print(f"  sensitivity      costliest: {top} of the step's error{wide} (table: {out.with_suffix('.report.txt')})")
+        if sens.get("mixed"):
+            m = sens["mixed"]
+            print(f"  mixed precision  {sum(r['bits'] < r['own_bits'] for r in m['layers'])} of {len(m['layers'])} weights "
+                  f"at fewer bits, {m['average_bits']:.2f} bits per weight (budget {m['budget']:g}): "
+                  f"{m['bytes'] / 1e3:,.1f} kB of weight codes instead of {m['bytes_at_own_bits'] / 1e3:,.1f} kB")
     bc = result.report.bias_correction
     if bc:
         rel = [x["mean_abs_shift"] / max(x["bias_mean_abs"], 1e-12) for x in bc["shifts"]]
