@@ -26,6 +26,7 @@ every rank then widens the same tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,17 @@ def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
 
 def _bits(qp: QParams) -> int:
     return (qp.qmax - qp.qmin).bit_length()
+
+
+def _relabel(ctx: PassContext, qparams: dict, notes: dict) -> None:
+    """The solver's report names what this pass changed: ``notes`` {key: text} appended to those
+    tensors' spec strings, with their new scale and zero point."""
+    if not notes:
+        return
+    ctx.results["solve"] = [dataclasses.replace(r, spec=f"{r.spec} {notes[r.key]}",
+                                                scale=float(qparams[r.key].scale.detach().float().mean()),
+                                                zero_point=int(qparams[r.key].zero_point.flatten()[0]))
+                            if r.key in notes else r for r in ctx.results.get("solve", [])]
 
 
 class _Toggle(fx.Interpreter):
@@ -205,32 +217,15 @@ class Sensitivity:
         full = [(cs.x[i:i + size], cs.t[i:i + size], torch.zeros_like(cs.x[i:i + size]))
                 for i in range(0, total, size) if graph.dynamic_batch or min(size, total - i) == size]
         widened = self._widen(graph, acts, interp, rows, run, full) if self.widen else []
-        if widened:   # the solver's report names the width each tensor ends with
-            import dataclasses
-
-            ctx.results["solve"] = [dataclasses.replace(r, spec=f"{r.spec} -> int{self.wide_bits} (sensitivity widen; "
-                                                        f"errors are the 8-bit solve's)",
-                                                        scale=float(qparams[r.key].scale.float().mean()),
-                                                        zero_point=int(qparams[r.key].zero_point.flatten()[0]))
-                                    if r.key in widened else r for r in ctx.results.get("solve", [])]
+        _relabel(ctx, qparams, {k: f"-> int{self.wide_bits} (sensitivity widen; errors are the 8-bit solve's)"
+                                for k in widened})
         refined = self._refine(graph, acts, all_wq, rows, run, err, ctx.progress) if self.refine else None
-        if refined and refined["factors"]:
-            import dataclasses
-
-            f = refined["factors"]
-            ctx.results["solve"] = [dataclasses.replace(r, spec=f"{r.spec} (sensitivity refine: scale x{f[r.key]})",
-                                                        scale=float(qparams[r.key].scale.detach().float().mean()))
-                                    if r.key in f else r for r in ctx.results.get("solve", [])]
+        if refined:
+            _relabel(ctx, qparams, {k: f"(sensitivity refine: scale x{c})" for k, c in refined["factors"].items()})
         mixed = self._mix(graph, wq, floats, low, rows) if self.budget else None
-        if mixed:   # the solver's report names the width each weight ends with
-            import dataclasses
-
-            lowered = {r["key"]: r["bits"] for r in mixed["layers"] if r["bits"] < r["own_bits"]}
-            ctx.results["solve"] = [dataclasses.replace(r, spec=f"{r.spec} -> int{lowered[r.key]} (sensitivity budget "
-                                                        f"{self.budget} bits / weight)",
-                                                        scale=float(qparams[r.key].scale.detach().float().mean()))
-                                    if r.key in lowered else r
-                                    for r in ctx.results.get("solve", [])]
+        if mixed:
+            _relabel(ctx, qparams, {r["key"]: f"-> int{r['bits']} (sensitivity budget {self.budget:g} bits / weight)"
+                                    for r in mixed["layers"] if r["bits"] < r["own_bits"]})
         result = {"rows": rows, "n": int(idx.numel()), "error_all": together, "error_sum": s, "widened": widened}
         if mixed:
             result["mixed"] = mixed
