@@ -231,11 +231,10 @@ class Sensitivity:
             result["mixed"] = mixed
         if refined:
             result["refined"] = refined
-        if widened:
+        if widened or mixed:   # the step's error with every quantizer on, after what this pass changed
             interp.watch = {}
-            result["error_all_widened"] = err(run(on=set(acts) | set(all_wq)))
-        if mixed:
-            result["error_all_mixed"] = err(run(on=set(acts) | set(all_wq)))
+            after = err(run(on=set(acts) | set(all_wq)))
+            result.update({"error_all_widened": after} if widened else {}, **({"error_all_mixed": after} if mixed else {}))
         ctx.results["sensitivity"] = result
 
     REFINE_GRID = (0.6, 0.7, 0.8, 0.9, 1.1, 1.25, 1.5)
