@@ -34,11 +34,12 @@ from torch import fx
 
 from ptq4dm.backends import ops  # noqa: F401  (registers torch.ops.ptq4dm.q*)
 from ptq4dm.backends.reference import pack_conv_weight
+from ptq4dm.ir.annotations import ANNOTATION_KEY
 from ptq4dm.ir.graph import ROLE, StepGraph
 from ptq4dm.ir.quant import quantize
 
 from .base import PassContext, register_pass
-from .observe import QTENSOR
+from .observe import QTENSOR, QTensor
 
 aten = torch.ops.aten
 FQ = torch.ops.ptq4dm.fake_quant.default
@@ -135,6 +136,62 @@ def _hoist(values, before: fx.Node) -> None:
         before.prepend(nd)
 
 
+def split_cat_convs(graph: StepGraph, qparams: dict) -> list[str]:
+    """conv(cat([fq(a), fq(b), ...], 1), W, bias) -> conv(fq(a), W[:, :Ca], bias) + conv(fq(b), W[:, Ca:]) + ...
+
+    A `cat` whose parts carry their own quantizers (``QuantPolicy.split_cat``) has no single int8
+    scale; split along the input channels, each part is an ordinary quantized conv (one activation
+    scale, the weight's per-output-channel scales unchanged, so the weight codes are the original
+    ones sliced), which both backends lower, and each add after the first is the next conv's
+    residual epilogue. A part quantized wider than int8 (a widened activation) keeps its own conv
+    in float, reported like any other; the other parts still run int8. Exact in real arithmetic;
+    in float the sum is reassociated. Returns the names of the convs split."""
+    g, gm = graph.graph, graph.gm
+    done = []
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not aten.conv2d.default:
+            continue
+        cat, w = n.args[0], n.args[1]
+        if not isinstance(cat, fx.Node) or cat.target is not aten.cat.default or len(cat.users) != 1:
+            continue
+        parts = cat.args[0]
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        qt = w.meta.get(QTENSOR) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        vals = [p.meta.get("val") if isinstance(p, fx.Node) else None for p in parts]
+        if (dim not in (1, -3) or qt is None or qt.key not in qparams or qparams[qt.key].axis not in (0, None)
+                or not all(isinstance(p, fx.Node) and p.target is FQ for p in parts) or not all(isinstance(v, torch.Tensor) for v in vals)):
+            continue
+        wv = getattr(gm, str(w.target))
+        widths = [int(v.shape[1]) for v in vals]
+        if sum(widths) != wv.shape[1]:
+            continue
+        total, start = None, 0
+        rest = tuple(n.args[3:])
+        bias = n.args[2] if len(n.args) > 2 else None
+        for j, (part, c) in enumerate(zip(parts, widths)):
+            name = f"{w.target}_part{j}"
+            gm.register_buffer(name, wv[:, start:start + c].contiguous())
+            start += c
+            key = f"{qt.key}#part{j}"
+            qparams[key] = qparams[qt.key]
+            with g.inserting_before(n):
+                wj = g.get_attr(name)
+                conv = g.call_function(aten.conv2d.default, (part, wj, bias if j == 0 else None, *rest))
+                total = conv if total is None else g.call_function(aten.add.Tensor, (conv, total))
+            wj.meta.update({k: v for k, v in w.meta.items() if k != "val"})
+            wj.meta[QTENSOR] = QTensor(key, qt.consumer, qt.source, qt.spec)
+            for m in (conv, total):
+                m.meta.update({k: v for k, v in n.meta.items() if k != ANNOTATION_KEY})
+        n.replace_all_uses_with(total)
+        g.erase_node(n)
+        g.erase_node(cat)
+        done.append(n.name)
+    if done:
+        g.lint()
+        gm.recompile()
+    return done
+
+
 def _uniform(v, n=2):
     v = list(v) if isinstance(v, (list, tuple)) else [v] * n
     return v[0] if all(x == v[0] for x in v) else None
@@ -158,7 +215,7 @@ class Lower:
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
-        qparams = graph.meta.get("qparams") or {}
+        qparams = dict(graph.meta.get("qparams") or {})   # split_cat_convs adds the weight slices' keys
         backend = self.backend
         if backend == "auto":
             backend = "triton" if graph.example_inputs[0].is_cuda else "x86"
@@ -166,10 +223,11 @@ class Lower:
             raise ValueError(f"lower: unknown backend {self.backend!r}; choose auto, x86 (CPU: Inductor + oneDNN "
                              f"int8) or triton (the ptq4dm int8 ops: Triton on CUDA, the int64 reference on CPU)")
         graph.meta["lowered_backend"] = backend
+        split = split_cat_convs(graph, qparams)
         if backend == "x86":
             from ptq4dm.backends.x86 import lower_x86
 
-            ctx.results["lower"] = {"backend": "x86", **lower_x86(graph, qparams, self.min_k, self.min_n,
+            ctx.results["lower"] = {"backend": "x86", "split_cat": split, **lower_x86(graph, qparams, self.min_k, self.min_n,
                                                                   self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits))}
             return
         counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0, "requant_fused": 0}
@@ -275,4 +333,4 @@ class Lower:
             if not any(nd.op == "get_attr" and nd.target == name for nd in g.nodes):
                 delattr(gm, name)
         gm.recompile()
-        ctx.results["lower"] = {"backend": "triton", "counts": counts, "kept": kept}
+        ctx.results["lower"] = {"backend": "triton", "counts": counts, "kept": kept, "split_cat": split}

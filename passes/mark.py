@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ptq4dm.ir.annotations import GROUPABLE_ROLES, annotate_input, annotate_output, get_annotation, make_spec
+from ptq4dm.ir.annotations import ANNOTATION_KEY, GROUPABLE_ROLES, annotate_input, annotate_output, get_annotation, make_spec
 from ptq4dm.ir.graph import OUTPUT, StepGraph
 
 from .base import PassContext, register_pass
@@ -134,6 +134,20 @@ class Mark:
                 ties[f"{n.name}:{x_t.name}"] = f"{prev.name}:out"
         return ties
 
+    @staticmethod
+    def _own_cat(graph: StepGraph, conv: fx.Node, cat: fx.Node) -> fx.Node:
+        """The `cat` that `conv` reads, made its own: a skip `cat` in diffusers' resnet blocks feeds
+        the GroupNorm of conv1 and the 1x1 shortcut conv; quantizing its parts in place would also
+        quantize the GroupNorm's input. A copy of the `cat` read by `conv` alone (same args, same
+        value) carries the per-part quantizers instead; the other readers keep the float `cat`."""
+        if len(cat.users) == 1:
+            return cat
+        with graph.graph.inserting_before(conv):
+            own = graph.graph.call_function(aten.cat.default, cat.args, cat.kwargs)
+        own.meta.update({k: v for k, v in cat.meta.items() if k != ANNOTATION_KEY})
+        conv.replace_input_with(cat, own)
+        return own
+
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         pol = self.policy
         names = {n.name for n in graph.graph.nodes}
@@ -165,9 +179,10 @@ class Mark:
                 if not isinstance(w, fx.Node) or w.op != "get_attr":
                     fp.append((n.name, f"{kind} with a computed weight: left in float"))
                     continue
-                if pol.split_cat and isinstance(x, fx.Node) and x.target is aten.cat.default and len(x.users) == 1:
-                    for part in x.args[0]:
-                        annotate_input(x, part, act)
+                if pol.split_cat and isinstance(x, fx.Node) and x.target is aten.cat.default:
+                    own = self._own_cat(graph, n, x)
+                    for part in own.args[0]:
+                        annotate_input(own, part, act)
                 else:
                     annotate_input(n, x, act)
                 annotate_input(n, w, weight)

@@ -305,3 +305,42 @@ def test_kernels_write_bf16_output():
     got = triton_kernels.int8_gemm(x2, zp, sx, w2.T.contiguous(), w2.int().sum(1), sw[:6], bias[:6], out_dtype=torch.bfloat16)
     want = R.linear_q(x2, sx, zp, w2.T.contiguous(), w2.int().sum(1), sw[:6], bias[:6])
     assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-6)
+
+
+def test_split_cat_quantizes_each_part_and_lowers_one_conv_per_part(tiny_unet):
+    """QuantPolicy(split_cat=True): a skip `cat` read by a GroupNorm and a conv gets a copy for the
+    conv whose parts carry their own quantizers (the GroupNorm keeps reading float values); lower
+    splits that conv into one int8 conv per part (weight codes sliced, the adds fused as
+    residuals) on both backends, and the lowered graph computes the fake-quant graph's values."""
+    aten = torch.ops.aten
+    FQ = torch.ops.ptq4dm.fake_quant.default
+    step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
+    r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16), progress=False,
+                        policy=QuantPolicy(split_cat=True))
+    cats = [n for n in r.graph.graph.nodes if n.target is aten.cat.default and
+            any(u.target is aten.group_norm.default for u in n.users)]
+    own = [n for n in r.graph.graph.nodes if n.target is aten.cat.default and
+           all(isinstance(a, torch.fx.Node) and a.target is FQ for a in n.args[0])]
+    assert len(cats) == len(own) > 0
+    assert not any(a.target is FQ for c in cats for a in c.args[0])   # GroupNorm reads the float cat
+    assert all([u.target for u in c.users] == [aten.conv2d.default] for c in own)
+    fq = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
+    x86 = StepGraph(copy.deepcopy(r.graph.gm), r.graph.example_inputs, dict(r.graph.meta), True)
+    ctx = PassContext(progress=False)
+    PassManager.from_pipeline("lower{backend=triton}").run(r.graph, ctx)
+    info = ctx.results["lower"]
+    assert len(info["split_cat"]) == len(own) and not info["kept"]
+    parts = sum(len(c.args[0]) for c in own)
+    assert info["counts"]["qconv2d"] == r.report.counts["conv"] - len(own) + parts
+    assert not any(n.target is aten.conv2d.default for n in r.graph.graph.nodes)
+    cs = r.calibration_set
+    x, t = cs.x[:4], cs.t[:4]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    out_step = max(float(q.scale.max()) for k, q in r.graph.meta["qparams"].items() if k.endswith(":out"))
+    with torch.no_grad():
+        for a, b in zip(r.graph(x, t, noise), fq(x, t, noise)):
+            assert (a - b).abs().max() <= 1.01 * out_step + 1e-6
+    ctx = PassContext(progress=False)
+    PassManager.from_pipeline("lower{backend=x86,min_k=1,min_n=1}").run(x86, ctx)
+    assert len(ctx.results["lower"]["split_cat"]) == len(own)
+    assert ctx.results["lower"]["counts"]["qconv2d"] == info["counts"]["qconv2d"]
