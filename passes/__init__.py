@@ -7,6 +7,7 @@
     solve                MSE (or min-max) range solver -> qparams
     fakequant            the simulated quantized graph
     sensitivity          each quantized tensor's share of the step's error; widen{k}: the costliest activations to 16 bits
+    reconstruct          learned rounding of the weights against the float layer outputs (AdaRound)
     bias_correct         empirical bias correction of quantized convs / linears (optional, not PTQ4DM's)
     noise_correct        per-step affine correction of the UNet output (PTQD-style; optional)
     lower                int8 ops (reference on CPU, Triton on CUDA)
@@ -22,6 +23,7 @@ from .lower import Lower
 from .mark import Mark, QuantPolicy
 from .noise_correct import NoiseCorrect
 from .observe import Observe, ReservoirObserver
+from .reconstruct import Reconstruct
 from .sensitivity import Sensitivity
 from .solve import MSE, MinMax, Solve, TensorReport
 
@@ -47,4 +49,4 @@ __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "PassManager", "PipelineError
            "parse_pipeline", "register_pass", "NDTC", "Uniform", "Single", "RandomNoise", "Calibrate", "BiasCorrect",
            "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Lower", "Mark", "QuantPolicy",
            "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE",
-           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity"]
+           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity", "Reconstruct"]

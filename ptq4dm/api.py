@@ -46,6 +46,7 @@ class QuantReport:
     policy_obj: Any = None
     bias_correction: dict = field(default_factory=dict)   # the bias_correct pass's result, when it ran
     sensitivity: dict = field(default_factory=dict)       # the sensitivity pass's result, when it ran
+    reconstruct: dict = field(default_factory=dict)       # the reconstruct pass's result, when it ran
 
     @property
     def total_error(self) -> float:
@@ -79,7 +80,8 @@ class QuantReport:
                 "tensors": [dict(key=t.key, role=t.role, spec=t.spec, scale=t.scale, zero_point=t.zero_point,
                                  error=t.error, error_minmax=t.error_minmax) for t in self.tensors],
                 **({"bias_correction": self.bias_correction} if self.bias_correction else {}),
-                **({"sensitivity": self.sensitivity} if self.sensitivity else {})}
+                **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
+                **({"reconstruct": self.reconstruct} if self.reconstruct else {})}
 
     def sensitivity_table(self, limit: int | None = None) -> str:
         """The sensitivity pass's ranking: each tensor's part of the step's x_{t-1} error (that tensor
@@ -184,7 +186,8 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
                          calibration={k: v for k, v in ctx.results.get("calibration", {}).items() if k != "timesteps"},
                          policy=policy.describe(), policy_obj=policy,
                          bias_correction=ctx.results.get("bias_correct", {}),
-                         sensitivity=ctx.results.get("sensitivity", {}))
+                         sensitivity=ctx.results.get("sensitivity", {}),
+                         reconstruct=ctx.results.get("reconstruct", {}))
     graph.meta["report"] = report
     graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
     return QuantResult(graph, report, fp_graph, ctx.options.get("calibration_set"))

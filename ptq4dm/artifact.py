@@ -22,7 +22,7 @@ from ptq4dm.ir.serialize import ArtifactError, load_artifact, save_artifact
 from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
 from ptq4dm.passes import PassContext, PassManager, QuantPolicy
-from ptq4dm.passes.observe import qtensors
+from ptq4dm.passes.observe import QTENSOR, qtensors
 from ptq4dm.passes.solve import getattr_path
 
 REBUILD_PIPELINE = "decompose_attention,mark,observe"
@@ -51,6 +51,9 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
     tensors: dict[str, torch.Tensor] = {}
     specs = []
     quantized_params = set()
+    simulated = {n.meta[QTENSOR].key: result.graph.gm.get_buffer(str(n.target))
+                 for n in result.graph.graph.nodes
+                 if n.op == "get_attr" and QTENSOR in n.meta and n.meta[QTENSOR].spec.role == "weight"}
     for qt in qtensors(result.graph):
         qp = qparams[qt.key]
         bits = (qp.qmax - qp.qmin).bit_length()   # the grid's width: a widened or mixed-precision tensor differs from its spec
@@ -59,7 +62,9 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
                 "source": qt.source}
         if qt.spec.role == "weight":
             pname = _weight_param_name(result.fp_graph, qt.source)
-            w = getattr_path(result.fp_graph.gm, qt.source, result.fp_graph).detach().float()
+            # the simulated graph's weight (on the grid: nearest rounding, or what reconstruct learned)
+            w = (simulated[qt.key] if qt.key in simulated
+                 else getattr_path(result.fp_graph.gm, qt.source, result.fp_graph)).detach().float()
             codes = quantize(w, qp, torch.int8 if bits <= 8 else torch.int16)
             if bits <= 4:   # two codes per byte
                 tensors[f"w4/{qt.key}"] = pack_int4(codes)

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the recommended pipeline, per 1/10 of the steps; --no-bias-correct removes it)")
     q.add_argument("--bias-groups", type=int, default=None, metavar="G",
                    help="bias_correct{groups=G}: a correction per 1/G of the sampler's steps (default 10)")
+    q.add_argument("--reconstruct", nargs="?", const="reconstruct", default=None, metavar="OPTIONS",
+                   help="learned rounding of the weights (AdaRound, layer by layer) before bias correction; "
+                        "optionally with options, e.g. --reconstruct 'reconstruct{iters=600}' (docs/passes.md)")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -216,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                              timestep_groups=args.steps if args.per_step else 1, share_xt_range=args.share_xt_range)
         stages["load"] = time.perf_counter() - t0
         passes_ = [s for s in (args.passes or preset_passes).split(",") if not s.startswith("bias_correct")]
+        if args.reconstruct:
+            if not args.reconstruct.startswith("reconstruct"):
+                parser.error(f"--reconstruct takes the pass with its options, e.g. 'reconstruct{{iters=600}}', "
+                             f"got {args.reconstruct!r}")
+            passes_ = [s for s in passes_ if not s.startswith("reconstruct")] + [args.reconstruct]
         pipeline = ",".join(passes_)
         if args.bias_correct:
             pipeline += ",bias_correct" if args.bias_groups == 1 else f",bias_correct{{groups={args.bias_groups}}}"
@@ -283,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  mixed precision  {sum(r['bits'] < r['own_bits'] for r in m['layers'])} of {len(m['layers'])} weights "
                   f"at fewer bits, {m['average_bits']:.2f} bits per weight (budget {m['budget']:g}): "
                   f"{m['bytes'] / 1e3:,.1f} kB of weight codes instead of {m['bytes_at_own_bits'] / 1e3:,.1f} kB")
+    rc = result.report.reconstruct
+    if rc:
+        moved = sum(r["moved"] for r in rc["layers"]) / len(rc["layers"])
+        print(f"  reconstruct      {len(rc['layers'])} layers, {rc['iters']} steps each on {rc['n']} samples: summed "
+              f"output error {rc['error_before']:.3g} -> {rc['error_after']:.3g}, {100 * moved:.1f}% of codes "
+              f"rounded the other way ({stages.get('reconstruct', 0):.0f} s)")
     bc = result.report.bias_correction
     if bc:
         rel = [x["mean_abs_shift"] / max(x["bias_mean_abs"], 1e-12) for x in bc["shifts"]]

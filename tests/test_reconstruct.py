@@ -1,0 +1,111 @@
+"""reconstruct: learned rounding (AdaRound) of the weights against the float layer outputs."""
+
+import pytest
+import torch
+
+import ptq4dm
+from ptq4dm.ir.quant import fake_quant
+from ptq4dm.models.samplers import make_sampler
+from ptq4dm.models.step import DiffusionStep
+from ptq4dm.passes import DEFAULT_PIPELINE, NDTC, QuantPolicy
+from ptq4dm.passes.observe import QTENSOR
+
+W4 = QuantPolicy(weight_bits=4)
+REC = ",reconstruct{iters=30,batch_size=16,n=24}"
+
+
+def _weights(result):
+    """{key: (fake-quantized weight buffer, float weight, qparams)} of the simulated graph."""
+    gm, qps = result.graph.gm, result.graph.meta["qparams"]
+    tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    return {n.meta[QTENSOR].key: (tensors[str(n.target)], tensors[n.meta["ptq4dm.float_weight"]], qps[n.meta[QTENSOR].key])
+            for n in result.graph.graph.nodes if n.op == "get_attr" and "ptq4dm.float_weight" in n.meta}
+
+
+class _Loaded:
+    def __init__(self, graph):
+        self.graph = graph
+
+
+def _x_err(result, step, n=32, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *step.sample_shape(1)[1:]), generator=g)
+    t = step.sampler.timesteps[torch.randint(0, step.sampler.S, (n,), generator=g)]
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        ref = step(x, t, noise)[0]
+        out = result.graph(x, t, noise)[0]
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_unet):
+    step = DiffusionStep(tiny_unet, make_sampler("ddim", num_inference_steps=10)).eval()
+    kw = dict(calibration=NDTC(n=32), policy=W4, progress=False)
+    return step, ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE, **kw), ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + REC, **kw)
+
+
+def test_learned_rounding_stays_on_the_grid_and_moves_codes_by_one(pair):
+    """The learned weights are codes of the same qparams (fake_quant leaves them unchanged), each
+    one step at most from nearest rounding (AdaRound chooses floor or ceil), and some moved."""
+    _, rtn, rec = pair
+    moved, rtn_w = 0, _weights(rtn)
+    for key, (w, w_fp, qp) in _weights(rec).items():
+        assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+        nearest = rtn_w[key][0]
+        s = qp.scale.reshape([-1] + [1] * (w.dim() - 1)) if qp.axis is not None else qp.scale
+        assert float(((w - nearest) / s).abs().max()) <= 1.0 + 1e-4, key
+        moved += int((w != nearest).sum())
+    assert moved > 0
+
+
+def test_reconstruct_lowers_the_layer_and_step_errors(pair):
+    """Against float layer outputs on the calibration set: the summed relative output error drops
+    well below nearest rounding's, and so does the step's x_{t-1} error on fresh inputs."""
+    step, rtn, rec = pair
+    rc = rec.report.reconstruct
+    assert rc and len(rc["layers"]) == rtn.report.counts["conv"] + rtn.report.counts["linear"]
+    assert rc["error_after"] < 0.9 * rc["error_before"]
+    assert all(r["error_after"] <= r["error_before"] for r in rc["layers"])
+    assert _x_err(rec, step) < 0.9 * _x_err(rtn, step)
+
+
+def test_reconstruct_is_deterministic(pair, tiny_unet):
+    step, _, rec = pair
+    again = ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + REC, calibration=NDTC(n=32), policy=W4, progress=False)
+    again_w = _weights(again)
+    for key, (w, _, _) in _weights(rec).items():
+        assert torch.equal(w, again_w[key][0]), key
+
+
+def test_the_artifact_stores_the_learned_codes(pair, tmp_path):
+    step, _, rec = pair
+    path = tmp_path / "rec.ptq4dm.safetensors"
+    from ptq4dm import artifact
+
+    artifact.save(rec, step, path)
+    graph, _, header = artifact.load(path)
+    assert {s["bits"] for s in header["specs"] if s["role"] == "weight"} == {4}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(step.sample_shape(4), generator=g)
+    t = step.sampler.timesteps[torch.randint(0, step.sampler.S, (4,), generator=g)]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x, t, torch.zeros_like(x))[0], rec.graph(x, t, torch.zeros_like(x))[0],
+                                   rtol=0, atol=1e-5)
+    # and nearest rounding of the float weights would not give that graph: the codes are the learned ones
+    saved, loaded = _weights(rec), _weights(_Loaded(graph))
+    codes_moved = [k for k, (w, w_fp, qp) in saved.items()
+                   if not torch.equal(w, fake_quant(w_fp.float(), qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis))]
+    assert codes_moved
+    for k in codes_moved:
+        assert torch.equal(saved[k][0], loaded[k][0]), k
+
+
+def test_reconstruct_names_its_misuse(pair):
+    step, _, _ = pair
+    with pytest.raises(ValueError, match="before bias_correct"):
+        ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",bias_correct" + REC, calibration=NDTC(n=16),
+                        progress=False)
+    with pytest.raises(ValueError, match="iters"):
+        ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{iters=0}", calibration=NDTC(n=16),
+                        progress=False)
