@@ -65,6 +65,14 @@ CONFIGS = [
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=8,weights=false},"
                   "bias_correct{groups=10}"),
     Config("paper", "W8A8 PTQ4DM, the paper's full setting (pipeline 'ptq4dm-paper')", preset="ptq4dm-paper"),
+    # issue 26: 4-bit weights on the recommended preset, nearest rounding vs learned rounding (reconstruct)
+    Config("w4a8", "W4A8 recommended preset, weights rounded to nearest", preset="recommended", weight_bits=4),
+    Config("w4a8-reconstruct", "W4A8 recommended preset + reconstruct (AdaRound)", preset="recommended", weight_bits=4,
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
+                  "reconstruct,bias_correct{groups=10}"),
+    Config("w8a8-reconstruct", "W8A8 recommended + reconstruct (AdaRound)", preset="recommended",
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
+                  "reconstruct,bias_correct{groups=10}"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),
@@ -108,8 +116,8 @@ def policy_for(cfg: Config, steps: int):
     """The QuantPolicy a configuration quantizes with (``steps``: the sampler's, for per-step ranges)."""
     from ptq4dm.passes import PRESETS, QuantPolicy
 
-    if cfg.preset:
-        return PRESETS[cfg.preset][1]
+    if cfg.preset:   # the preset's policy; weight_bits is the one field a preset row may change
+        return dataclasses.replace(PRESETS[cfg.preset][1], weight_bits=cfg.weight_bits)
 
     return QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, attn_bits=cfg.attn_bits,
                        output_bits=cfg.output_bits, quantize_attention=cfg.quantize_attention,
@@ -128,9 +136,9 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
     if cfg.preset:   # as a user gets it: the preset's passes and policy, the default solver
         from ptq4dm.passes import PRESETS
 
-        pipeline, policy = PRESETS[cfg.preset]
+        own = cfg.passes or cfg.weight_bits != 8
         return ptq4dm.quantize(step, calibration=NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
-                               pipeline=cfg.passes or cfg.preset, policy=policy if cfg.passes else None,
+                               pipeline=cfg.passes or cfg.preset, policy=policy_for(cfg, steps) if own else None,
                                cache_dir=cache_dir)
     calib = {"ndtc": lambda: NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
              "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),

@@ -53,6 +53,17 @@ CFG = {
  "rec-widen2": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=2}" + BC, "mse"),
  "rec-widen4": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=4}" + BC, "mse"),
  "rec-widen8": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=8}" + BC, "mse"),
+ # split_cat: one 8-bit quantizer per part of each skip cat read by a conv (Q-Diffusion's split shortcut)
+ "rec-split": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True, split_cat=True), BC, "mse"),
+ "rec-split-widen4": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True, split_cat=True),
+                      ",sensitivity{widen=4,weights=false}" + BC, "mse"),
+ # 4-bit weights: nearest rounding vs learned rounding (reconstruct), on the recommended preset
+ "rec-w4": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+            ",sensitivity{widen=4,weights=false}" + BC, "mse"),
+ "rec-w4-recon": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false},reconstruct" + BC, "mse"),
+ "rec-recon": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+               ",sensitivity{widen=4,weights=false},reconstruct" + BC, "mse"),
  # ... and the next 8 / all activations' scales re-chosen against the step's x_{t-1} error (refine)
  "rec-widen4-refine8": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
                         ",sensitivity{widen=4,weights=false,refine=8}" + BC, "mse"),
