@@ -45,3 +45,16 @@ def load_tool(name: str):
     sys.modules[spec.name] = mod   # dataclasses in the tool look their module up here
     spec.loader.exec_module(mod)
     return mod
+
+
+def step_x_error(result, step, n=32, seed=5) -> float:
+    """Relative squared error of x_{t-1} of a quantized graph against the float step, on random
+    x_t and timesteps (the same for every call with the same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *step.sample_shape(1)[1:]), generator=g)
+    t = step.sampler.timesteps[torch.randint(0, step.sampler.S, (n,), generator=g)]
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        ref = step(x, t, noise)[0]
+        out = result.graph(x, t, noise)[0]
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum())

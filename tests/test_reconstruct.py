@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ptq4dm
+from conftest import step_x_error as _x_err
 from ptq4dm.ir.quant import fake_quant
 from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
@@ -25,17 +26,6 @@ def _weights(result):
 class _Loaded:
     def __init__(self, graph):
         self.graph = graph
-
-
-def _x_err(result, step, n=32, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *step.sample_shape(1)[1:]), generator=g)
-    t = step.sampler.timesteps[torch.randint(0, step.sampler.S, (n,), generator=g)]
-    noise = torch.randn(x.shape, generator=g)
-    with torch.no_grad():
-        ref = step(x, t, noise)[0]
-        out = result.graph(x, t, noise)[0]
-    return float((out - ref).pow(2).sum() / ref.pow(2).sum())
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptq4dm
+from conftest import step_x_error as _x_err
 from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
 from ptq4dm.passes import DEFAULT_PIPELINE, NDTC, QuantPolicy
@@ -19,18 +20,6 @@ W4 = QuantPolicy(weight_bits=4)
 
 def _step(unet, sampler="ddim"):
     return DiffusionStep(unet, make_sampler(sampler, num_inference_steps=10)).eval()
-
-
-def _x_err(result, step, n=32, seed=5):
-    """Relative squared error of x_{t-1} of the quantized graph against the float step."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *step.sample_shape(1)[1:]), generator=g)
-    t = step.sampler.timesteps[torch.randint(0, step.sampler.S, (n,), generator=g)]
-    noise = torch.randn(x.shape, generator=g)
-    with torch.no_grad():
-        ref = step(x, t, noise)[0]
-        out = result.graph(x, t, noise)[0]
-    return float((out - ref).pow(2).sum() / ref.pow(2).sum())
 
 
 @pytest.fixture(scope="module")
