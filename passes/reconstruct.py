@@ -35,20 +35,14 @@ from ptq4dm.ir.graph import StepGraph
 from ptq4dm.ir.quant import _expand
 
 from .base import PassContext, register_pass
+from .bias_correct import FLOAT_WEIGHT, _attr
 from .observe import QTENSOR
 
 aten = torch.ops.aten
 FQ = torch.ops.ptq4dm.fake_quant.default
-FLOAT_WEIGHT = "ptq4dm.float_weight"
 LAYERS = {aten.conv2d.default, aten.linear.default}
 ZETA, GAMMA = 1.1, -0.1   # AdaRound's stretch of the sigmoid, so that h reaches 0 and 1 exactly
 
-
-def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _Stop(Exception):

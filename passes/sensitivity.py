@@ -36,18 +36,12 @@ from ptq4dm.ir.graph import StepGraph
 from ptq4dm.ir.quant import QParams, fake_quant, qparams_from_range, solve_mse
 
 from .base import PassContext, register_pass
+from .bias_correct import FLOAT_WEIGHT, _attr
 from .observe import QTENSOR
 
 aten = torch.ops.aten
 FQ = torch.ops.ptq4dm.fake_quant.default
-FLOAT_WEIGHT = "ptq4dm.float_weight"
 
-
-def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _bits(qp: QParams) -> int:
