@@ -14,13 +14,17 @@ from 20 to 2 after a warm-up so that ``h`` ends at 0 or 1. As in Q-Diffusion / B
 ``x_q`` come from the already-quantized model (every quantizer on, the layers before this one
 already reconstructed) and the targets from the float model on the same calibration samples, so
 a layer also absorbs the error its quantized inputs bring. Layers go in graph order; this is the
-layer-wise form (BRECQ's block-wise form reconstructs a whole resnet block's output at once:
-not built).
+layer-wise form. With ``blocks=true`` it is BRECQ's block-wise form (Li et al., 2021), the one
+Q-Diffusion uses: the layers of one residual block / attention module (``block_types``, found from
+the modules the graph was captured from) learn their roundings together against the block's float
+output, so that one layer's rounding can make up for another's; the activation quantizers inside
+the block stay on, with a straight-through gradient. Layers in no such block (the down / up
+sampling convs, ...) are reconstructed on their own, as in the layer-wise form.
 
-Memory: one layer at a time. Its quantized inputs and float outputs on the ``n`` calibration
-samples are recomputed by running the graph up to that layer (nothing is cached on disk), so
-memory is two activations of one layer over ``n`` samples (about 100 MB for the default model at
-n = 256). Seeded and deterministic (the minibatch order comes from ``seed``). Inside a process
+Memory: one layer (block) at a time. Its quantized inputs and float outputs on the ``n``
+calibration samples are recomputed by running the graph up to that layer (nothing is cached on
+disk), so memory is the inputs and outputs of one layer (block) over ``n`` samples (about 100 MB
+for the default model at n = 256). Seeded and deterministic (the minibatch order comes from ``seed``). Inside a process
 group every rank runs the same reconstruction (the same samples and seed: the same result).
 """
 
@@ -41,6 +45,9 @@ from .observe import QTENSOR
 aten = torch.ops.aten
 FQ = torch.ops.ptq4dm.fake_quant.default
 LAYERS = {aten.conv2d.default, aten.linear.default}
+# the modules whose layers ``blocks=true`` reconstructs together (diffusers' names; a module's class
+# name is read from the graph's nn_module_stack)
+BLOCK_TYPES = ("ResnetBlock2D", "Attention")
 ZETA, GAMMA = 1.1, -0.1   # AdaRound's stretch of the sigmoid, so that h reaches 0 and 1 exactly
 
 
@@ -52,12 +59,15 @@ class _Stop(Exception):
 class _Probe(fx.Interpreter):
     """Runs the graph up to ``layer`` and returns what it needs: in quantized mode the layer's
     evaluated arguments (its input after its quantizer, the bias, ...), in float mode (every
-    fake-quant bypassed, every weight float) the layer's output."""
+    fake-quant bypassed, every weight float) the layer's output. ``grab`` instead: in quantized
+    mode the values of ``nodes`` (the inputs of a block) when ``layer`` (the block's first node)
+    is reached, in float mode the values of ``nodes`` (the block's outputs) once ``layer`` (its
+    last node) has run."""
 
     def __init__(self, gm, acts: set, floats: dict):
         super().__init__(gm, garbage_collect_values=True)
         self.acts, self.floats = acts, floats
-        self.layer, self.quantized, self.got = None, True, None
+        self.layer, self.quantized, self.got, self.nodes = None, True, None, None
 
     def run_node(self, n):
         if not self.quantized:
@@ -66,16 +76,21 @@ class _Probe(fx.Interpreter):
             if n in self.floats:
                 return self.floats[n]
         if n is self.layer and self.quantized:
-            self.got = self.fetch_args_kwargs_from_env(n)[0]
+            self.got = ([self.env[m] for m in self.nodes] if self.nodes is not None
+                        else self.fetch_args_kwargs_from_env(n)[0])
             raise _Stop
         out = super().run_node(n)
         if n is self.layer:
-            self.got = out
+            self.env[n] = out
+            self.got = [self.env[m] for m in self.nodes] if self.nodes is not None else out
             raise _Stop
         return out
 
     def probe(self, layer, quantized: bool, *inputs):
-        self.layer, self.quantized, self.got = layer, quantized, None
+        return self.grab(layer, None, quantized, *inputs)
+
+    def grab(self, layer, nodes, quantized: bool, *inputs):
+        self.layer, self.nodes, self.quantized, self.got = layer, nodes, quantized, None
         try:
             self.run(*inputs)
         except _Stop:
@@ -83,6 +98,25 @@ class _Probe(fx.Interpreter):
         finally:
             self.env.clear()
         return self.got
+
+
+def _block_of(node: fx.Node, types) -> str | None:
+    """The module path of the innermost module of one of ``types`` that ``node`` was traced in."""
+    found = None
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
+        if name in types:
+            found = path
+    return found
+
+
+def _depends_on_inputs(graph: fx.Graph) -> set:
+    """The nodes whose value changes with the step's inputs (the batched ones)."""
+    dep = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:
@@ -106,6 +140,7 @@ class Reconstruct:
     beta_start: float = 20.0  # the regulariser's exponent, annealed linearly after the warm-up ...
     beta_end: float = 2.0     # ... to this
     min_bits: int = 0       # only weights of at most this many bits (0: all quantized weights)
+    blocks: bool = False    # BRECQ: the layers of one block (BLOCK_TYPES) against the block's output
     seed: int = 0
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
@@ -145,44 +180,139 @@ class Reconstruct:
                else torch.linspace(0, total - 1, self.n).round().long().unique())
         device = graph.example_inputs[0].device
         chunk = 64 if graph.dynamic_batch else int(graph.example_inputs[0].shape[0])
+        if self.blocks:   # a block trains on whole chunks (its shapes are the captured ones): shuffled, of batch_size
+            chunk = self.batch_size if graph.dynamic_batch else chunk
+            idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(self.seed))]
         noise = torch.randn((idx.numel(), *cs.x.shape[1:]), generator=torch.Generator().manual_seed(self.seed))
         data = [(cs.x[idx[i:i + chunk]].to(device), cs.t[idx[i:i + chunk]].to(device), noise[i:i + chunk].to(device))
                 for i in range(0, idx.numel(), chunk)]
-        if not graph.dynamic_batch:
+        if not graph.dynamic_batch or self.blocks:
             data = [d for d in data if d[0].shape[0] == chunk]
+        if not data:
+            raise ValueError(f"reconstruct needs at least {chunk} calibration samples (the graph's batch), got "
+                             f"{idx.numel()}: raise n or the calibration set's size")
         probe = _Probe(gm, acts, floats)
         gen = torch.Generator().manual_seed(self.seed)
-        it = layers
+        units = self._units(graph, layers) if self.blocks else [(None, [lw]) for lw in layers]
+        it = units
         if ctx.progress:
             from tqdm import tqdm
 
-            it = tqdm(layers, desc="reconstruct", unit="layer", leave=False)
+            it = tqdm(units, desc="reconstruct", unit="block" if self.blocks else "layer", leave=False)
         rows = []
-        for layer, w in it:
-            with torch.no_grad():
-                args = [probe.probe(layer, True, *d) for d in data]
-                target = torch.cat([probe.probe(layer, False, *d).float() for d in data])
-            x = torch.cat([a[0].float() for a in args])
-            rest = args[0][2:]   # bias and the conv's stride / padding / ...: the same for every chunk
-            row = self._layer(gm, w, qparams[w.meta[QTENSOR].key], floats[w], layer.target, x, rest, target, gen)
-            row["layer"] = layer.name
+        for block, lws in it:
+            if block is None:
+                (layer, w), = lws
+                with torch.no_grad():
+                    args = [probe.probe(layer, True, *d) for d in data]
+                    target = torch.cat([probe.probe(layer, False, *d).float() for d in data])
+                x = torch.cat([a[0].float() for a in args])
+                # bias and the conv's stride / padding / ...: the same for every chunk (the bias learns nothing)
+                rest = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[0][2:]]
+                row = self._layer(gm, w, qparams[w.meta[QTENSOR].key], floats[w], layer.target, x, rest, target, gen)
+                row["layer"] = layer.name
+            else:
+                row = self._block(gm, graph, block, lws, qparams, floats, acts, probe, data, gen)
             rows.append(row)
             if ctx.progress:
-                it.set_postfix(layer=layer.name, gain=f"{row['error_before'] / max(row['error_after'], 1e-30):.2f}x")
+                it.set_postfix(layer=row["layer"], gain=f"{row['error_before'] / max(row['error_after'], 1e-30):.2f}x")
         ctx.results["reconstruct"] = {"layers": rows, "iters": self.iters, "batch_size": self.batch_size,
-                                      "n": int(idx.numel()),
+                                      "n": int(idx.numel()), "blocks": self.blocks,
                                       "error_before": sum(r["error_before"] for r in rows),
                                       "error_after": sum(r["error_after"] for r in rows)}
 
-    def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen) -> dict:
-        w = w_fp.detach().float()
-        s, z = _expand(qp.scale.float(), w, qp.axis), _expand(qp.zero_point.float(), w, qp.axis)
-        floor = torch.floor(w / s)
-        frac = (w / s - floor).clamp(1e-4, 1 - 1e-4)
-        v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).requires_grad_(True)   # h(v) = frac at the start
+    def _units(self, graph: StepGraph, layers: list) -> list:
+        """Layers grouped by the block (BLOCK_TYPES) they were traced in, in graph order; a layer in
+        no block is a unit of its own. A unit: (block path or None, [(layer, weight node), ...])."""
+        units, index = [], {}
+        for layer, w in layers:
+            path = _block_of(layer, BLOCK_TYPES)
+            if path is None:
+                units.append((None, [(layer, w)]))
+            elif path in index:
+                units[index[path]][1].append((layer, w))
+            else:
+                index[path] = len(units)
+                units.append((path, [(layer, w)]))
+        return [(None, lws) if b is not None and len(lws) == 1 else (b, lws) for b, lws in units]
 
-        def weight(h):
-            return (torch.clamp(floor + h + z, qp.qmin, qp.qmax) - z) * s
+    def _block(self, gm, graph, path, lws, qparams, floats, acts, probe, data, gen) -> dict:
+        """BRECQ: the roundings of every layer in the block learned together against the float
+        block's outputs; the nodes from the block's first to its last node run in a small
+        interpreter with soft weights and straight-through activation quantizers."""
+        nodes = list(graph.graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        mine = [n for n in nodes if n.op == "call_function" and _block_of(n, BLOCK_TYPES) == path]
+        lo, hi = min(pos[n] for n in mine), max(pos[n] for n in mine)
+        for layer, _ in lws:
+            lo, hi = min(lo, pos[layer]), max(hi, pos[layer])
+        body = nodes[lo:hi + 1]
+        inside = set(body)
+        weights = {w for _, w in lws}
+        ext = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in inside and a not in weights))
+        outs = [n for n in body if any(u not in inside for u in n.users)]
+        with torch.no_grad():
+            # detached: nothing but the roundings gets a gradient (a backward into GroupNorm's weight
+            # with the channels-last input that attention's reshape leaves segfaulted, torch 2.13 CPU)
+            xs = [{n: v.detach().contiguous() if isinstance(v, torch.Tensor) else v
+                   for n, v in zip(ext, probe.grab(body[0], ext, True, *d))} for d in data]
+            ys = [[v.float() for v in probe.grab(body[-1], outs, False, *d)] for d in data]
+        rnd = {w: _Rounding(floats[w], qparams[w.meta[QTENSOR].key]) for w in weights}
+        rtn = {w: _attr(gm, str(w.target)).detach().float() for w in weights}
+
+        def run(env0: dict, wts: dict, ste: bool) -> list:
+            env = dict(env0)
+            look = lambda a: wts[a] if a in wts else env[a]
+            for n in body:
+                if n.op == "get_attr":
+                    env[n] = wts[n] if n in wts else _attr(gm, str(n.target)).detach()
+                    continue
+                args = fx.node.map_arg(n.args, look)
+                kwargs = fx.node.map_arg(n.kwargs, look)
+                if n in acts and ste:   # quantize forward, identity backward
+                    x = args[0]
+                    env[n] = x + (n.target(*args, **kwargs) - x).detach()
+                else:
+                    env[n] = n.target(*args, **kwargs)
+            return [env[o] for o in outs]
+
+        def error(wts: dict) -> float:
+            num = den = 0.0
+            with torch.no_grad():
+                for x, y in zip(xs, ys):
+                    for p, t in zip(run(x, wts, False), y):
+                        num += float((p.float() - t).pow(2).sum())
+                        den += float(t.pow(2).sum())
+            return num / max(den, 1e-30)
+
+        before = error(rtn)
+        params = [r.v for r in rnd.values()]
+        opt = torch.optim.Adam(params, lr=self.lr)
+        warm = int(self.warmup * self.iters)
+        for i in range(self.iters):
+            c = int(torch.randint(0, len(xs), (1,), generator=gen))
+            preds = run(xs[c], {w: r.weight() for w, r in rnd.items()}, True)
+            loss = sum((p.float() - t).pow(2).sum(1 if p.dim() > 1 else 0).mean() for p, t in zip(preds, ys[c]))
+            if i >= warm:
+                beta = self.beta_end + (self.beta_start - self.beta_end) * (1 - (i - warm) / max(self.iters - warm, 1))
+                loss = loss + self.reg * sum(r.reg(beta) for r in rnd.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            hard = {w: r.hard() for w, r in rnd.items()}
+        after = error(hard)
+        keep = after > before
+        final = rtn if keep else hard
+        moved = sum(int((final[w] != rtn[w]).sum()) for w in weights) / sum(rtn[w].numel() for w in weights)
+        for w in weights:
+            buf = _attr(gm, str(w.target))
+            buf.copy_(final[w].to(buf.dtype))
+        return {"layer": path, "layers": [l.name for l, _ in lws], "error_before": before,
+                "error_after": min(after, before), "moved": moved, "kept_nearest": keep}
+
+    def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen) -> dict:
+        r = _Rounding(w_fp, qp)
 
         def out_error(wt) -> float:
             with torch.no_grad():
@@ -191,25 +321,24 @@ class Reconstruct:
 
         w_rtn = _attr(gm, str(w_node.target)).detach().float()
         before = out_error(w_rtn)
-        opt = torch.optim.Adam([v], lr=self.lr)
+        opt = torch.optim.Adam([r.v], lr=self.lr)
         warm = int(self.warmup * self.iters)
         b0, b1 = self.beta_start, self.beta_end
         ch = 1 if op is aten.conv2d.default else -1   # output channels: summed, as BRECQ's loss does
         for i in range(self.iters):
             sel = torch.randint(0, x.shape[0], (min(self.batch_size, x.shape[0]),), generator=gen)
-            h = _h(v)
-            pred = op(x[sel], weight(h), *rest)
+            pred = op(x[sel], r.weight(), *rest)
             rec = (pred - target[sel]).pow(2).sum(ch).mean()
             if i >= warm:
                 beta = b1 + (b0 - b1) * (1 - (i - warm) / max(self.iters - warm, 1))
-                loss = rec + self.reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
+                loss = rec + self.reg * r.reg(beta)
             else:
                 loss = rec
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad():
-            w_new = weight((v >= 0).float())
+            w_new = r.hard()
         after = out_error(w_new)
         if after > before:   # keep nearest rounding where learning did not help this layer
             w_new = w_rtn
@@ -218,3 +347,26 @@ class Reconstruct:
         buf.copy_(w_new.to(buf.dtype))
         return {"error_before": before, "error_after": min(after, before), "moved": moved,
                 "kept_nearest": after > before}
+
+
+class _Rounding:
+    """One weight's learned rounding: ``floor(w / s) + h(v)`` on its grid, ``v`` initialised so
+    that ``h(v)`` is the fractional part (the soft weight starts at the float weight)."""
+
+    def __init__(self, w_fp: torch.Tensor, qp):
+        w = w_fp.detach().float()
+        self.qp = qp
+        self.s, self.z = _expand(qp.scale.float(), w, qp.axis), _expand(qp.zero_point.float(), w, qp.axis)
+        self.floor = torch.floor(w / self.s)
+        frac = (w / self.s - self.floor).clamp(1e-4, 1 - 1e-4)
+        self.v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).requires_grad_(True)
+
+    def weight(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        h = _h(self.v) if h is None else h
+        return (torch.clamp(self.floor + h + self.z, self.qp.qmin, self.qp.qmax) - self.z) * self.s
+
+    def hard(self) -> torch.Tensor:
+        return self.weight((self.v >= 0).float())
+
+    def reg(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()

@@ -99,3 +99,31 @@ def test_reconstruct_names_its_misuse(pair):
     with pytest.raises(ValueError, match="iters"):
         ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{iters=0}", calibration=NDTC(n=16),
                         progress=False)
+
+
+def test_block_wise_reconstruction_learns_each_block_together(pair):
+    """blocks=true (BRECQ): the layers of a resnet block / attention module share one unit and one
+    loss on the block's float output; each unit's output error ends no higher than nearest
+    rounding's, the step's x_{t-1} error drops, the codes stay on the grid within one step of
+    nearest, and two runs give the same weights."""
+    step, rtn, _ = pair
+    pipe = DEFAULT_PIPELINE + ",reconstruct{iters=30,batch_size=8,n=24,blocks=true}"
+    kw = dict(calibration=NDTC(n=32), policy=W4, progress=False)
+    rec = ptq4dm.quantize(step, pipeline=pipe, **kw)
+    rc = rec.report.reconstruct
+    assert rc["blocks"]
+    grouped = [r for r in rc["layers"] if len(r.get("layers", ())) > 1]
+    assert grouped, "no block held more than one layer"
+    assert any("resnets" in r["layer"] for r in grouped) and any("attentions" in r["layer"] for r in grouped)
+    # every conv / linear is in exactly one unit
+    names = [n for r in rc["layers"] for n in r.get("layers", [r["layer"]])]
+    assert len(names) == len(set(names)) == rtn.report.counts["conv"] + rtn.report.counts["linear"]
+    assert all(r["error_after"] <= r["error_before"] for r in rc["layers"])
+    assert rc["error_after"] < 0.9 * rc["error_before"]
+    assert _x_err(rec, step) < 0.9 * _x_err(rtn, step)
+    rtn_w, again = _weights(rtn), _weights(ptq4dm.quantize(step, pipeline=pipe, **kw))
+    for key, (w, _, qp) in _weights(rec).items():
+        assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+        s = qp.scale.reshape([-1] + [1] * (w.dim() - 1)) if qp.axis is not None else qp.scale
+        assert float(((w - rtn_w[key][0]) / s).abs().max()) <= 1.0 + 1e-4, key
+        assert torch.equal(w, again[key][0]), key

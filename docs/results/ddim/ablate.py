@@ -64,6 +64,15 @@ CFG = {
                   ",sensitivity{widen=4,weights=false},reconstruct" + BC, "mse"),
  "rec-recon": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
                ",sensitivity{widen=4,weights=false},reconstruct" + BC, "mse"),
+ "rec-w4-recon1k": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                    ",sensitivity{widen=4,weights=false},reconstruct{iters=1000}" + BC, "mse"),
+ "rec-w4-brecq": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false},reconstruct{blocks=true}" + BC, "mse"),
+ # mixed weight precision: 4 bits, the weights that cost the most back at 8, <= 5 bits per weight on average
+ "rec-mix5": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+              ",sensitivity{widen=4,budget=5}" + BC, "mse"),
+ "rec-mix5-recon": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                    ",sensitivity{widen=4,budget=5},reconstruct" + BC, "mse"),
  # ... and the next 8 / all activations' scales re-chosen against the step's x_{t-1} error (refine)
  "rec-widen4-refine8": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
                         ",sensitivity{widen=4,weights=false,refine=8}" + BC, "mse"),
