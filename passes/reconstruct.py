@@ -356,7 +356,8 @@ class _Rounding:
     def __init__(self, w_fp: torch.Tensor, qp):
         w = w_fp.detach().float()
         self.qp = qp
-        self.s, self.z = _expand(qp.scale.float(), w, qp.axis), _expand(qp.zero_point.float(), w, qp.axis)
+        self.s = _expand(qp.scale.detach().float(), w, qp.axis)
+        self.z = _expand(qp.zero_point.detach().float(), w, qp.axis)
         self.floor = torch.floor(w / self.s)
         frac = (w / self.s - self.floor).clamp(1e-4, 1 - 1e-4)
         self.v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).requires_grad_(True)

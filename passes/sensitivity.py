@@ -174,7 +174,7 @@ class Sensitivity:
                 qt = n.meta[QTENSOR]
                 if _bits(qparams[qt.key]) <= self.weight_bits:
                     continue
-                w = floats[n].float()
+                w = floats[n].detach().float()
                 qmax = 2 ** (self.weight_bits - 1) - 1
                 qp = solve_mse(w, -qmax, qmax, True, qparams[qt.key].axis, name=qt.key)
                 low[n] = fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis).to(floats[n].dtype)
@@ -339,7 +339,7 @@ class Sensitivity:
                 continue
             n, key, old = l["node"], l["key"], qparams[l["key"]]
             qmax = 2 ** (l["bits"] - 1) - 1
-            qp = solve_mse(floats[n].float(), -qmax, qmax, True, old.axis, name=key)
+            qp = solve_mse(floats[n].detach().float(), -qmax, qmax, True, old.axis, name=key)
             buf = _attr(gm, n.target)
             buf.copy_(low[n].to(buf))
             qparams[key] = QParams(qp.scale.to(old.scale), qp.zero_point.to(old.zero_point), qp.qmin, qp.qmax,

@@ -144,3 +144,11 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
     assert pols["ptq4dm-w8a8-per-step"].timestep_groups == 20 and pols["ptq4dm-w8a8"].timestep_groups == 1
     assert pols["ptq4dm-w8a8-out-g10"].roles_grouped() == ("mean", "variance", "prev_sample")
     assert pols["ptq4dm-w8a8-out-g10"].timestep_groups == 10
+    # every pass list names registered passes with options they have (a typo fails here, not an hour into a run)
+    import dataclasses as dc
+
+    from ptq4dm.passes.base import PASS_REGISTRY, parse_pipeline
+    for c in CONFIGS:
+        for name, opts in parse_pipeline(c.passes) if c.passes else ():
+            fields = {f.name for f in dc.fields(PASS_REGISTRY[name])} if dc.is_dataclass(PASS_REGISTRY[name]) else set(opts)
+            assert set(opts) <= fields, (c.name, name, set(opts) - fields)

@@ -127,3 +127,19 @@ def test_block_wise_reconstruction_learns_each_block_together(pair):
         s = qp.scale.reshape([-1] + [1] * (w.dim() - 1)) if qp.axis is not None else qp.scale
         assert float(((w - rtn_w[key][0]) / s).abs().max()) <= 1.0 + 1e-4, key
         assert torch.equal(w, again[key][0]), key
+
+
+def test_reconstruct_after_a_mixed_bit_budget(pair):
+    """sensitivity{budget=B} leaves some weights at 4 bits with new qparams, then reconstruct learns
+    the rounding of just those (min_bits=4): every 4-bit weight a unit, the 8-bit ones untouched."""
+    step, _, _ = pair
+    pipe = DEFAULT_PIPELINE + ",sensitivity{budget=6,n=16},reconstruct{iters=10,batch_size=8,n=16,min_bits=4}"
+    mixed = ptq4dm.quantize(step, pipeline=pipe, calibration=NDTC(n=32), progress=False)
+    bits = {r["key"]: r["bits"] for r in mixed.report.sensitivity["mixed"]["layers"]}
+    assert set(bits.values()) == {4, 8}
+    rc = mixed.report.reconstruct
+    assert len(rc["layers"]) == sum(b == 4 for b in bits.values())
+    for key, (w, w_fp, qp) in _weights(mixed).items():
+        nearest = fake_quant(w_fp.float(), qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis)
+        if bits[key] == 8:
+            assert torch.equal(w, nearest.to(w.dtype)), key

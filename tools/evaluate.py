@@ -73,6 +73,17 @@ CONFIGS = [
     Config("w8a8-reconstruct", "W8A8 recommended + reconstruct (AdaRound)", preset="recommended",
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
                   "reconstruct,bias_correct{groups=10}"),
+    Config("w4a8-brecq", "W4A8 recommended preset + block-wise reconstruct (BRECQ)", preset="recommended",
+           weight_bits=4,
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
+                  "reconstruct{blocks=true},bias_correct{groups=10}"),
+    # mixed weight precision: each weight at 4 or 8 bits, <= 5 bits per weight on average (sensitivity budget)
+    Config("mixed5", "W4/8 mixed, <= 5 bits per weight (sensitivity budget), A8 recommended", preset="recommended",
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+                  "bias_correct{groups=10}"),
+    Config("mixed5-reconstruct", "W4/8 mixed, <= 5 bits per weight + reconstruct, A8 recommended", preset="recommended",
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+                  "reconstruct,bias_correct{groups=10}"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),
@@ -391,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             qinfo = {}
         else:
             res = quantize_config(step, cfg, args.steps, args.calib_n, cs, args.mu, args.sigma, cache)
+            tq = time.perf_counter() - t0
             with torch.no_grad():
                 x = draw(res.graph, cfg.name)
             qinfo = {"tensors": len(res.report.tensors), "total_error": res.report.total_error,
-                     "total_error_minmax": res.report.total_error_minmax}
+                     "total_error_minmax": res.report.total_error_minmax, "quantize_seconds": tq}
         s = classifier_stats(net, x)
         conf, pred = s["logits"].softmax(1).max(1)
         row = {"config": cfg.name, "label": cfg.label, "n": args.n,
@@ -419,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"conf>=0.9 {row['confident_frac']:.3f}  classes {row['classes']}  "
                 f"PSNR {row['psnr_vs_fp'] if row['psnr_vs_fp'] is not None else float('nan'):6.2f}  "
                 f"digit differs {row['label_changed_vs_fp'] if row['label_changed_vs_fp'] is not None else float('nan'):.3f}  "
-                f"({row['seconds']:.0f}s)",
+                f"({row['seconds']:.0f}s" + (f", quantize {row['quantize_seconds']:.0f}s)" if "quantize_seconds" in row else ")"),
                 flush=True)
         write_outputs(rows, final=False)  # a run cut short keeps the rows it finished
 
