@@ -141,6 +141,8 @@ def test_cli_bad_input(tmp_path):
     assert rc == 2 and "unknown pass 'obsrve'" in err
     rc, err = run_main("quantize", "--model", "tiny", "--pipeline", "ptq4dm-paper", "--bias-groups", "4", "--out", a)
     assert rc == 2 and "add --bias-correct" in err and not (tmp_path / "a.safetensors").exists()
+    rc, err = run_main("quantize", "--model", "tiny", "--weight-budget", "3", "--out", a)
+    assert rc == 2 and "--weight-budget" in err and not (tmp_path / "a.safetensors").exists()
     rc, err = run_main("quantize", "--out", "/proc/ptq4dm/a.safetensors")
     assert rc != 0 and "cannot write" in err
     torch.manual_seed(0)
@@ -169,6 +171,24 @@ def test_cli_quantize_then_sample(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 100
     r = run_tool("tools/sample.py", str(out), "--n", "2", "--lower", "--out", str(tmp_path / "s8.png"))
     assert r.returncode == 0 and "lowered (x86)" in r.stdout, r.stderr[-3000:]
+
+
+def test_cli_weight_budget_with_reconstruct(tmp_path, capsys):
+    """--weight-budget 6 --reconstruct: the summary names the mixed widths (average within the budget)
+    and the learned rounding, and the artifact's header has 4- and 8-bit weights."""
+    out = tmp_path / "m.ptq4dm.safetensors"
+    rc, err = run_main("quantize", "--model", "tiny", "--steps", "4", "--n", "16", "--sample", "0", "--no-progress",
+                       "--weight-budget", "6", "--reconstruct", "reconstruct{iters=5,n=16,batch_size=8}",
+                       "--out", str(out))
+    text = capsys.readouterr().out
+    assert rc == 0, err[-3000:]
+    assert "mixed precision" in text and "reconstruct" in text, text
+    avg = float(text.split(" bits per weight (budget")[0].rsplit(" ", 1)[-1])
+    assert avg <= 6.0
+    from ptq4dm import artifact
+
+    _, _, header = artifact.load(out)
+    assert {s_["bits"] for s_ in header["specs"] if s_["role"] == "weight"} == {4, 8}
 
 
 def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):

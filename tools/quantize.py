@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reconstruct", nargs="?", const="reconstruct", default=None, metavar="OPTIONS",
                    help="learned rounding of the weights (AdaRound, layer by layer) before bias correction; "
                         "optionally with options, e.g. --reconstruct 'reconstruct{iters=600}' (docs/passes.md)")
+    q.add_argument("--weight-budget", type=float, default=None, metavar="BITS",
+                   help="mixed 4 / 8-bit weights, at most BITS bits per weight on average, each weight's width chosen "
+                        "from its measured error (sensitivity{budget=BITS}); add --reconstruct to learn their rounding")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -218,7 +221,27 @@ def main(argv: list[str] | None = None) -> int:
                              time_path_fp=args.time_path_fp,
                              timestep_groups=args.steps if args.per_step else 1, share_xt_range=args.share_xt_range)
         stages["load"] = time.perf_counter() - t0
-        passes_ = [s for s in (args.passes or preset_passes).split(",") if not s.startswith("bias_correct")]
+        from ptq4dm.passes.base import _split_top, parse_pipeline
+
+        # items split at top-level commas only ('sensitivity{widen=4,weights=false}' is one item)
+        passes_ = [s.strip() for s in _split_top(args.passes or preset_passes) if not s.strip().startswith("bias_correct")]
+        if args.weight_budget is not None:
+            if not 4 <= args.weight_budget <= args.weight_bits:
+                parser.error(f"--weight-budget is an average in [4, --weight-bits={args.weight_bits}] bits per weight "
+                             f"(4: every weight at 4 bits), got {args.weight_budget:g}")
+            sens = next((i for i, s_ in enumerate(passes_) if s_.startswith("sensitivity")), None)
+            opts = dict(parse_pipeline(passes_[sens])[0][1]) if sens is not None else {}
+            opts.update(weights="true", weight_bits=4, budget=f"{args.weight_budget:g}")
+            item = "sensitivity{" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                             for k, v in opts.items()) + "}"
+            if sens is not None:
+                passes_[sens] = item
+            else:
+                fq = next((i for i, s_ in enumerate(passes_) if s_.startswith("fakequant")), None)
+                if fq is None:
+                    parser.error("--weight-budget needs 'fakequant' in the pipeline (the sensitivity pass measures "
+                                 "the fake-quantized graph)")
+                passes_.insert(fq + 1, item)
         if args.reconstruct:
             if not args.reconstruct.startswith("reconstruct"):
                 parser.error(f"--reconstruct takes the pass with its options, e.g. 'reconstruct{{iters=600}}', "
@@ -294,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = result.report.reconstruct
     if rc:
         moved = sum(r["moved"] for r in rc["layers"]) / len(rc["layers"])
-        print(f"  reconstruct      {len(rc['layers'])} layers, {rc['iters']} steps each on {rc['n']} samples: summed "
+        unit = "blocks / lone layers" if rc.get("blocks") else "layers"
+        print(f"  reconstruct      {len(rc['layers'])} {unit}, {rc['iters']} steps each on {rc['n']} samples: summed "
               f"output error {rc['error_before']:.3g} -> {rc['error_after']:.3g}, {100 * moved:.1f}% of codes "
               f"rounded the other way ({stages.get('reconstruct', 0):.0f} s)")
     bc = result.report.bias_correction
