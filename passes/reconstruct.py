@@ -221,6 +221,15 @@ class Reconstruct:
                                       "error_before": sum(r["error_before"] for r in rows),
                                       "error_after": sum(r["error_after"] for r in rows)}
 
+    def _regulariser(self, i: int, roundings) -> torch.Tensor | float:
+        """AdaRound's rounding regulariser at step i: none during the warm-up, then ``reg`` x
+        sum(1 - |2h - 1|^beta) with beta annealed linearly from ``beta_start`` to ``beta_end``."""
+        warm = int(self.warmup * self.iters)
+        if i < warm:
+            return 0.0
+        beta = self.beta_end + (self.beta_start - self.beta_end) * (1 - (i - warm) / max(self.iters - warm, 1))
+        return self.reg * sum(r.reg(beta) for r in roundings)
+
     def _units(self, graph: StepGraph, layers: list) -> list:
         """Layers grouped by the block (BLOCK_TYPES) they were traced in, in graph order; a layer in
         no block is a unit of its own. A unit: (block path or None, [(layer, weight node), ...])."""
@@ -288,14 +297,11 @@ class Reconstruct:
         before = error(rtn)
         params = [r.v for r in rnd.values()]
         opt = torch.optim.Adam(params, lr=self.lr)
-        warm = int(self.warmup * self.iters)
         for i in range(self.iters):
             c = int(torch.randint(0, len(xs), (1,), generator=gen))
             preds = run(xs[c], {w: r.weight() for w, r in rnd.items()}, True)
             loss = sum((p.float() - t).pow(2).sum(1 if p.dim() > 1 else 0).mean() for p, t in zip(preds, ys[c]))
-            if i >= warm:
-                beta = self.beta_end + (self.beta_start - self.beta_end) * (1 - (i - warm) / max(self.iters - warm, 1))
-                loss = loss + self.reg * sum(r.reg(beta) for r in rnd.values())
+            loss = loss + self._regulariser(i, rnd.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -322,18 +328,11 @@ class Reconstruct:
         w_rtn = _attr(gm, str(w_node.target)).detach().float()
         before = out_error(w_rtn)
         opt = torch.optim.Adam([r.v], lr=self.lr)
-        warm = int(self.warmup * self.iters)
-        b0, b1 = self.beta_start, self.beta_end
         ch = 1 if op is aten.conv2d.default else -1   # output channels: summed, as BRECQ's loss does
         for i in range(self.iters):
             sel = torch.randint(0, x.shape[0], (min(self.batch_size, x.shape[0]),), generator=gen)
             pred = op(x[sel], r.weight(), *rest)
-            rec = (pred - target[sel]).pow(2).sum(ch).mean()
-            if i >= warm:
-                beta = b1 + (b0 - b1) * (1 - (i - warm) / max(self.iters - warm, 1))
-                loss = rec + self.reg * r.reg(beta)
-            else:
-                loss = rec
+            loss = (pred - target[sel]).pow(2).sum(ch).mean() + self._regulariser(i, [r])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
