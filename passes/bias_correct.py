@@ -45,6 +45,19 @@ LAYER_OPS = {aten.conv2d.default, aten.convolution.default, aten.linear.default}
 FLOAT_WEIGHT = "ptq4dm.float_weight"   # meta key fakequant sets on a fake-quantized weight: the float one's target
 
 
+def calibration_before_bias_correct(graph, ctx, name: str, why: str):
+    """The calibration set for a pass that measures the fake-quantized graph (``name``), with the
+    error a user needs when it is missing or when ``bias_correct`` already ran (``why`` says why
+    that order matters)."""
+    cs = ctx.options.get("calibration_set")
+    if cs is None:
+        raise ValueError(f"{name} needs the calibration set: run it after 'calibrate' and 'fakequant' in the "
+                         f"same pipeline (e.g. '...,calibrate,solve,fakequant,{name},bias_correct')")
+    if graph.meta.get("bias_corrected"):
+        raise ValueError(f"{name} must run before bias_correct ({why}): put it between 'fakequant' and 'bias_correct'")
+    return cs
+
+
 def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
     obj = gm
     for part in target.split("."):

@@ -39,7 +39,7 @@ from ptq4dm.ir.graph import StepGraph
 from ptq4dm.ir.quant import _expand
 
 from .base import PassContext, register_pass
-from .bias_correct import FLOAT_WEIGHT, _attr
+from .bias_correct import FLOAT_WEIGHT, _attr, calibration_before_bias_correct
 from .observe import QTENSOR
 
 aten = torch.ops.aten
@@ -144,13 +144,8 @@ class Reconstruct:
     seed: int = 0
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
-        cs = ctx.options.get("calibration_set")
-        if cs is None:
-            raise ValueError("reconstruct needs the calibration set: run it after 'calibrate' and 'fakequant' in the "
-                             "same pipeline (e.g. '...,calibrate,solve,fakequant,reconstruct,bias_correct')")
-        if graph.meta.get("bias_corrected"):
-            raise ValueError("reconstruct must run before bias_correct (the corrected bias is fitted to the final "
-                             "weights): put it between 'fakequant' and 'bias_correct'")
+        cs = calibration_before_bias_correct(graph, ctx, "reconstruct", "the corrected bias is fitted to the "
+                                             "final weights")
         if self.iters < 1 or self.batch_size < 1 or self.n < 0 or not 0 <= self.warmup < 1 or self.lr <= 0:
             raise ValueError(f"reconstruct: iters and batch_size must be >= 1, n >= 0, warmup in [0, 1) and lr > 0; "
                              f"got iters={self.iters}, batch_size={self.batch_size}, n={self.n}, "

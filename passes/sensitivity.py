@@ -36,7 +36,7 @@ from ptq4dm.ir.graph import StepGraph
 from ptq4dm.ir.quant import QParams, fake_quant, qparams_from_range, solve_mse
 
 from .base import PassContext, register_pass
-from .bias_correct import FLOAT_WEIGHT, _attr
+from .bias_correct import FLOAT_WEIGHT, _attr, calibration_before_bias_correct
 from .observe import QTENSOR
 
 aten = torch.ops.aten
@@ -111,13 +111,8 @@ class Sensitivity:
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         from ptq4dm import distributed as dist
 
-        cs = ctx.options.get("calibration_set")
-        if cs is None:
-            raise ValueError("sensitivity needs the calibration set: run it after 'calibrate' and 'fakequant' in the "
-                             "same pipeline (e.g. '...,calibrate,solve,fakequant,sensitivity,bias_correct')")
-        if graph.meta.get("bias_corrected"):
-            raise ValueError("sensitivity must run before bias_correct: a corrected bias is part of no single "
-                             "tensor's error (put it between 'fakequant' and 'bias_correct')")
+        cs = calibration_before_bias_correct(graph, ctx, "sensitivity", "a corrected bias is part of no single "
+                                             "tensor's error")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError(f"sensitivity n and batch_size must be >= 1, got n={self.n}, batch_size={self.batch_size}")
         if self.widen < 0 or not 9 <= self.wide_bits <= 16:
