@@ -29,19 +29,26 @@ from .solve import MSE, MinMax, Solve, TensorReport
 
 DEFAULT_PIPELINE = "decompose_attention,mark,observe,calibrate,solve,fakequant"   # the paper's passes
 PAPER_PIPELINE = DEFAULT_PIPELINE
-RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",sensitivity{widen=4,weights=false},bias_correct{groups=10}"
+RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",sensitivity{widen=4,weights=false},reconstruct,bias_correct{groups=10}"
+# the recommended pipeline of 2026-12-03 (before reconstruct joined it): ~2 minutes less to quantize the
+# default model on 2 cores, further from FP on deterministic samplers (docs/results.md, "DDIM")
+RECOMMENDED_FAST_PIPELINE = PAPER_PIPELINE + ",sensitivity{widen=4,weights=false},bias_correct{groups=10}"
 
 # Named pipelines for ``ptq4dm.quantize(pipeline=...)``: the passes and the policy they are meant with
 # (an explicit ``policy=`` still wins). "recommended" (the default of ``ptq4dm.quantize`` and of
 # tools/quantize.py) is measured in docs/results.md
 # ("DDIM"): the paper's passes, the sensitivity pass widening the 4 activations that cost the
 # step's x_{t-1} the most to 16 bits (measured on the calibration set, so on the step's own sampler),
-# bias correction per 1/10 of the sampler's steps, conv_in / conv_out
+# learned rounding of the 8-bit weights (reconstruct: AdaRound, layer by layer against the float
+# layer's output on the calibration set), bias correction per 1/10 of the sampler's steps, conv_in / conv_out
 # and the time-embedding path (layers whose input depends on t alone) in float and the sampler's
 # mean / variance / x_{t-1} at 16 bits. "ptq4dm-paper" is the paper's
 # full setting: every conv / linear / attention matmul and the three outputs at 8 bits.
+# "recommended-fast": "recommended" without reconstruct (the default of 2026-12-03).
 PRESETS = {
     "recommended": (RECOMMENDED_PIPELINE, QuantPolicy(output_bits=16, keep_first_last_fp=True, time_path_fp=True)),
+    "recommended-fast": (RECOMMENDED_FAST_PIPELINE,
+                         QuantPolicy(output_bits=16, keep_first_last_fp=True, time_path_fp=True)),
     "ptq4dm-paper": (PAPER_PIPELINE, QuantPolicy()),
 }
 
@@ -49,4 +56,4 @@ __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "PassManager", "PipelineError
            "parse_pipeline", "register_pass", "NDTC", "Uniform", "Single", "RandomNoise", "Calibrate", "BiasCorrect",
            "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Lower", "Mark", "QuantPolicy",
            "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE",
-           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity", "Reconstruct"]
+           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "RECOMMENDED_FAST_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity", "Reconstruct"]

@@ -136,6 +136,14 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
     assert pols["ptq4dm-w8a8"].describe() == "W8A8" and pols["ptq4dm-w8a8"].quantize_attention
     assert pols["paper"] == pols["ptq4dm-w8a8"]   # the paper's preset is the plain policy
     assert pols["recommended"].keep_first_last_fp and pols["recommended"].output_bits == 16
+    # the rows measured as w8a8-reconstruct before reconstruct joined the preset are the preset's rows;
+    # the nearest-rounding rows (w4a8, recommended-fast) run no reconstruct
+    from ptq4dm.passes import PRESETS
+
+    by = {c.name: c for c in CONFIGS}
+    assert by["w8a8-reconstruct"].passes == PRESETS["recommended"][0] and pols["w8a8-reconstruct"] == pols["recommended"]
+    assert all("reconstruct" not in PRESETS[by[n].preset][0] for n in ("w4a8", "recommended-fast"))
+    assert "reconstruct" in PRESETS["recommended"][0] and "reconstruct" not in PRESETS["ptq4dm-paper"][0]
     assert pols["ptq4dm-w8a16"].describe().startswith("W8A16") and pols["ptq4dm-w8a16"].output_bits == 16
     assert pols["ptq4dm-w16a8"].describe().startswith("W16A8")
     assert not pols["ptq4dm-w8a8-attn-fp"].quantize_attention

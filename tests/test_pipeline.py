@@ -240,8 +240,9 @@ def test_share_xt_range_refuses_what_it_cannot_shift(tiny_unet):
 
 def test_the_default_is_the_recommended_pipeline(tiny_unet):
     """ptq4dm.quantize(step) as a user calls it: the paper's passes, the 4 costliest activations
-    widened to 16 bits by the sensitivity pass, bias_correct per 1/10 of the steps, conv_in /
-    conv_out in float, mean / variance / x_{t-1} at 16 bits; the paper's setting one name away."""
+    widened to 16 bits by the sensitivity pass, the weights' rounding learned (reconstruct),
+    bias_correct per 1/10 of the steps, conv_in / conv_out in float, mean / variance / x_{t-1} at
+    16 bits; the same without reconstruct and the paper's setting one name away."""
     from ptq4dm.passes import PRESETS
 
     step = _step(tiny_unet, kind="ddim")
@@ -256,6 +257,13 @@ def test_the_default_is_the_recommended_pipeline(tiny_unet):
     wide = r.report.sensitivity["widened"]
     assert len(wide) == 4 and all(r.graph.meta["qparams"][k].qmax == 32767 for k in wide)
     assert sorted(t.key for t in r.report.tensors if "sensitivity widen" in t.spec) == sorted(wide)
+    rc = r.report.reconstruct   # every quantized conv / linear weight learned, none worse than nearest
+    assert len(rc["layers"]) == r.report.counts["conv"] + r.report.counts["linear"]
+    assert all(x["error_after"] <= x["error_before"] for x in rc["layers"])
+    assert rc["error_after"] < rc["error_before"]
+    fast = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False, pipeline="recommended-fast")
+    assert not fast.report.reconstruct and fast.report.policy_obj == r.report.policy_obj
+    assert fast.report.bias_correction["groups"] == 10 and fast.report.sensitivity["widened"] == wide
     paper = ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False, pipeline="ptq4dm-paper")
     assert not paper.report.bias_correction and paper.report.policy_obj == QuantPolicy()
     assert all("int8" in t.spec for t in paper.report.tensors if t.role in ("mean", "variance", "prev_sample"))

@@ -143,6 +143,8 @@ def test_cli_bad_input(tmp_path):
     assert rc == 2 and "add --bias-correct" in err and not (tmp_path / "a.safetensors").exists()
     rc, err = run_main("quantize", "--model", "tiny", "--weight-budget", "3", "--out", a)
     assert rc == 2 and "--weight-budget" in err and not (tmp_path / "a.safetensors").exists()
+    rc, err = run_main("quantize", "--model", "tiny", "--reconstruct", "--no-reconstruct", "--out", a)
+    assert rc == 2 and "contradict" in err and not (tmp_path / "a.safetensors").exists()
     rc, err = run_main("quantize", "--out", "/proc/ptq4dm/a.safetensors")
     assert rc != 0 and "cannot write" in err
     torch.manual_seed(0)
@@ -166,6 +168,7 @@ def test_cli_quantize_then_sample(tmp_path):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["total_error"] <= report["total_error_minmax"]
     assert "summary" in r.stdout and "time per stage" in r.stdout
+    assert "reconstruct" in r.stdout and report["reconstruct"]["layers"], "the default pipeline learns the rounding"
     r = run_tool("tools/sample.py", str(out), "--n", "4", "--no-lower", "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "s.png").stat().st_size > 100
@@ -200,7 +203,7 @@ def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):
     weights.with_suffix(".json").write_text(json.dumps({"unet_config": "tiny", "schedule": "cosine"}))
     out = tmp_path / "cos.ptq4dm.safetensors"
     r = run_tool("tools/quantize.py", "--model", str(weights), "--steps", "4", "--n", "8", "--no-progress",
-                 "--out", str(out), "--bias-correct", "--bias-groups", "2")
+                 "--out", str(out), "--bias-correct", "--bias-groups", "2", "--no-reconstruct")
     assert r.returncode == 0, r.stderr[-3000:]
     tensors, header = load_artifact(out)
     assert header["sampler"]["schedule"] == "cosine"
@@ -209,6 +212,8 @@ def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):
     assert len(header["bias_corrected"]) > 0 and "bias correction" in r.stdout and "per 1/2" in r.stdout
     assert header["bias_correct_groups"] == 2
     assert {k.removeprefix("bc_table/") for k in tensors if k.startswith("bc_table/")} == set(header["bias_corrected"])
-    assert json.loads(out.with_suffix(".report.json").read_text())["bias_correction"]["layers"] == len(header["bias_corrected"])
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["bias_correction"]["layers"] == len(header["bias_corrected"])
+    assert not report.get("reconstruct"), "--no-reconstruct drops the pass"
     r = run_tool("tools/sample.py", str(out), "--n", "2", "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr[-3000:]

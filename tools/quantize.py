@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bits", type=int, default=8)
     q.add_argument("--act-bits", type=int, default=8)
     q.add_argument("--attn-bits", type=int, default=8)
-    q.add_argument("--pipeline", default="recommended", choices=["recommended", "ptq4dm-paper"],
-                   help="recommended (default): the paper's passes + bias_correct{groups=10}, conv_in / conv_out and "
-                        "the time embedding in float, mean / variance / x_{t-1} at 16 bits (docs/results.md, DDIM); ptq4dm-paper: the "
+    q.add_argument("--pipeline", default="recommended", choices=["recommended", "recommended-fast", "ptq4dm-paper"],
+                   help="recommended (default): the paper's passes + sensitivity{widen=4,weights=false} + reconstruct + "
+                        "bias_correct{groups=10}, conv_in / conv_out and the time embedding in float, mean / variance / "
+                        "x_{t-1} at 16 bits (docs/results.md, DDIM); recommended-fast: the same without reconstruct "
+                        "(~2 minutes less on the default model, further from FP on DDIM); ptq4dm-paper: the "
                         "paper's full setting, all at 8 bits")
     q.add_argument("--output-bits", type=int, default=None,
                    help="bits of mean / variance / x_{t-1} (default: 16 recommended, 8 ptq4dm-paper)")
@@ -74,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bias-groups", type=int, default=None, metavar="G",
                    help="bias_correct{groups=G}: a correction per 1/G of the sampler's steps (default 10)")
     q.add_argument("--reconstruct", nargs="?", const="reconstruct", default=None, metavar="OPTIONS",
-                   help="learned rounding of the weights (AdaRound, layer by layer) before bias correction; "
-                        "optionally with options, e.g. --reconstruct 'reconstruct{iters=600}' (docs/passes.md)")
+                   help="learned rounding of the weights (AdaRound, layer by layer) before bias correction (in the "
+                        "recommended pipeline already); optionally with options, e.g. --reconstruct "
+                        "'reconstruct{iters=600}' (docs/passes.md)")
+    q.add_argument("--no-reconstruct", action="store_true",
+                   help="drop the reconstruct pass from the pipeline (weights rounded to nearest; faster to quantize)")
     q.add_argument("--weight-budget", type=float, default=None, metavar="BITS",
                    help="mixed 4 / 8-bit weights, at most BITS bits per weight on average, each weight's width chosen "
-                        "from its measured error (sensitivity{budget=BITS}); add --reconstruct to learn their rounding")
+                        "from its measured error (sensitivity{budget=BITS}); the recommended pipeline then learns their rounding")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -242,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error("--weight-budget needs 'fakequant' in the pipeline (the sensitivity pass measures "
                                  "the fake-quantized graph)")
                 passes_.insert(fq + 1, item)
+        if args.reconstruct and args.no_reconstruct:
+            parser.error("--reconstruct and --no-reconstruct contradict each other: give one")
+        if args.no_reconstruct:
+            passes_ = [s_ for s_ in passes_ if not s_.startswith("reconstruct")]
         if args.reconstruct:
             if not args.reconstruct.startswith("reconstruct"):
                 parser.error(f"--reconstruct takes the pass with its options, e.g. 'reconstruct{{iters=600}}', "
