@@ -99,7 +99,38 @@ def _const(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return obj
 
 
-def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bits: int | str = "auto") -> dict:
+def _split16(g: fx.Graph, qd, src: fx.Node, scale: torch.Tensor, zero_point: int) -> tuple[fx.Node, fx.Node]:
+    """A 16-bit activation as two uint8 tensors in PT2E form whose dequantized sum is the
+    fake-quantized value exactly: codes c = clamp(round(x / s) + z, -32768, 32767) = 256 hi + lo
+    with hi = floor(c / 256) in [-128, 127] and lo in [0, 255]; with z = 256 zh + zl (zl in [0, 255])
+
+        dequantize(hi + 128, 256 s, zh + 128) + dequantize(lo, s, zl) = 256 s (hi - zh) + s (lo - zl) = s (c - z).
+
+    A conv / linear is linear in its input, so conv(x_q) = conv(dq_hi) + conv(dq_lo): two oneDNN
+    int8 ops with exact int32 sums (a VNNI CPU; without VNNI the weights are 7-bit as for 8-bit
+    inputs) in place of one float op."""
+    s = float(scale.reshape(()))
+    inv = float(1.0 / scale.float().reshape(()))     # the fake-quant op's float32 1/s
+    zl = zero_point % 256
+    zh = (zero_point - zl) // 256
+    c = g.call_function(aten.round.default, (g.call_function(aten.mul.Tensor, (src, inv)),))
+    c = g.call_function(aten.clamp.default, (g.call_function(aten.add.Tensor, (c, float(zero_point))), -32768.0, 32767.0))
+    hi = g.call_function(aten.floor.default, (g.call_function(aten.mul.Tensor, (c, 1.0 / 256)),))
+    lo = g.call_function(aten.sub.Tensor, (c, g.call_function(aten.mul.Tensor, (hi, 256.0))))
+    conv = torch.ops.prims.convert_element_type.default
+    hi8 = g.call_function(conv, (g.call_function(aten.add.Tensor, (hi, 128.0)), torch.uint8))
+    lo8 = g.call_function(conv, (lo, torch.uint8))
+    dq_hi = g.call_function(qd.dequantize_per_tensor.default, (hi8, 256 * s, zh + 128, 0, 255, torch.uint8))
+    dq_lo = g.call_function(qd.dequantize_per_tensor.default, (lo8, s, zl, 0, 255, torch.uint8))
+    from ptq4dm.ir.graph import ROLE
+
+    for m in (c, hi, lo, hi8, lo8, dq_hi, dq_lo):
+        m.meta[ROLE] = "quant"
+    return dq_hi, dq_lo
+
+
+def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bits: int | str = "auto",
+              split16: bool = True) -> dict:
     """Rewrite ``graph`` (a fake-quant StepGraph) in place into PT2E's reference form. Returns
     ``{"counts": {...}, "kept": [(node, reason), ...], "weight_bits": 8 | 7}``.
 
@@ -119,7 +150,7 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
 
     qd = _decomposed()
     g, gm = graph.graph, graph.gm
-    counts = {"qconv2d": 0, "qlinear": 0}
+    counts = {"qconv2d": 0, "qlinear": 0, "split16": 0}
     kept = []
     dq_of = {}   # (fake_quant node) -> its dequantize node, shared by every lowered consumer
     i = 0
@@ -137,10 +168,13 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
         is_conv = n.target is aten.conv2d.default
         wv = _const(gm, w)
         reason = None
+        wide = (qmin, qmax) == (-32768, 32767)   # a 16-bit input: two int8 ops, high and low byte (split16)
         if axis is not None or sv is None or zv is None or sv.numel() != 1:
             reason = "input range per timestep (a runtime scale; Inductor's int8 rewrite needs a constant)"
-        elif (qmin, qmax) != (-128, 127):
-            reason = f"input quantized to [{qmin}, {qmax}], not 8 bits"
+        elif wide and not split16:
+            reason = "input quantized to 16 bits (split16=false)"
+        elif (qmin, qmax) != (-128, 127) and not wide:
+            reason = f"input quantized to [{qmin}, {qmax}], neither 8 nor 16 bits"
         elif wqp.qmin < -128 or wqp.qmax > 127 or wqp.axis != 0 or not bool((wqp.zero_point == 0).all()):
             reason = "weights not 8-bit symmetric per output channel"
         elif is_conv and (len(n.args) > 6 and n.args[6] != 1 or _uniform(n.args[5] if len(n.args) > 5 else 1) != 1):
@@ -162,6 +196,41 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
         gm.register_buffer(names[1], w_scale)
         gm.register_buffer(names[2], torch.zeros(wq.shape[0], dtype=torch.int64))
         scale, zp = float(sv), int(zv) + 128
+        with g.inserting_before(n):
+            if wide:
+                if fq not in dq_of:   # before the first consumer (graph order): in order, and before every later one
+                    dq_of[fq] = _split16(g, qd, src, sv, int(zv))
+                wn = [g.get_attr(nm) for nm in names]
+                wdq = g.call_function(qd.dequantize_per_channel.default, (*wn, 0, -128, 127, torch.int8))
+        if wide:
+            for m in (*wn, wdq):
+                m.meta[ROLE] = "quant"
+            hi, lo = dq_of[fq]
+            n.args = (hi, wdq, *n.args[2:])
+            rest = list(n.args[2:])
+            if rest:
+                rest[0] = None   # the bias once
+            # its own weight copy: Inductor's rewrite wants a weight dequantize with one consumer, and
+            # would merge two dequantizes of one buffer (CSE)
+            names2 = tuple(nm.replace(f"ptq4dm_x86w_{i}", f"ptq4dm_x86w_{i}_lo") for nm in names)
+            for nm, nm2 in zip(names, names2):
+                gm.register_buffer(nm2, getattr(gm, nm).clone())
+            with g.inserting_before(n):
+                wn2 = [g.get_attr(nm) for nm in names2]
+                wdq2 = g.call_function(qd.dequantize_per_channel.default, (*wn2, 0, -128, 127, torch.int8))
+            for m in (*wn2, wdq2):
+                m.meta[ROLE] = "quant"
+            with g.inserting_after(n):
+                n_lo = g.call_function(n.target, (lo, wdq2, *rest), dict(n.kwargs))
+            with g.inserting_after(n_lo):
+                total = g.call_function(aten.add.Tensor, (n, n_lo))
+            n.replace_all_uses_with(total, delete_user_cb=lambda u: u is not total)
+            for m in (n_lo, total):
+                m.meta.update({k: v for k, v in n.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            counts["qconv2d" if is_conv else "qlinear"] += 2
+            counts["split16"] += 1
+            i += 1
+            continue
         with g.inserting_before(n):
             if fq not in dq_of:
                 with g.inserting_after(fq):

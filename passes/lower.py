@@ -212,6 +212,7 @@ class Lower:
     min_k: int = 32             # x86 cost rule: int8 only for >= min_k reduction elements ...
     min_n: int = 16             # ... and >= min_n output channels
     weight_bits: str = "auto"   # x86: auto (8 with VNNI, 7 without: see backends/x86.py), 7 or 8
+    split16: bool = True        # x86: a conv / linear with a 16-bit input as two int8 ops (high / low byte)
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
@@ -228,7 +229,8 @@ class Lower:
             from ptq4dm.backends.x86 import lower_x86
 
             ctx.results["lower"] = {"backend": "x86", "split_cat": split, **lower_x86(graph, qparams, self.min_k, self.min_n,
-                                                                  self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits))}
+                                                                  self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits),
+                                                                  self.split16)}
             return
         counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0, "requant_fused": 0}
         kept = []
