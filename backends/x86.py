@@ -22,6 +22,11 @@ uint8 codes with zero point z + 128 are the same real values as our int8 codes w
 (``clamp(round(x / s) + z + 128, 0, 255) == clamp(round(x / s) + z, -128, 127) + 128``), so
 the compiled graph computes what the fake-quant graph simulates, with exact int32 products.
 
+A 16-bit input (an activation the sensitivity pass widened) is split into its codes' high and
+low byte, two uint8 tensors whose dequantized sum is the fake-quantized value exactly, and the
+conv / linear runs twice in int8 with the results added (``_split16``; ``split16=False`` keeps such
+layers in float).
+
 What stays in float (fake-quant, as simulated; each reported with its reason):
   * attention matmuls: oneDNN has no int8 batched matmul that Inductor lowers to; fake-quant
     fp32 matmuls compute exactly the simulated values;
