@@ -108,14 +108,22 @@ def test_widen_gives_the_costliest_activations_16_bits(tiny_unet, tmp_path):
     t = step.sampler.timesteps[[0, 3, 6, 9]]
     with torch.no_grad():
         torch.testing.assert_close(graph(x, t, noise)[0], wide.graph(x, t, noise)[0], rtol=0, atol=1e-5)
-    # lowering leaves the layers that read a 16-bit activation in float and says so
+    # lowering: triton leaves the layers that read a 16-bit activation in float and says so; x86
+    # runs each as two int8 ops (split16) unless its cost rule keeps it, or keeps all with split16=false
     readers = {n.name for n in wide.graph.graph.nodes if n.op == "call_function" and n.args
                and getattr(n.args[0], "target", None) is FQ and n.args[0].meta["ptq4dm.qtensor"].key in acts[:3]
                and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)}
-    for backend in ("triton", "x86"):
-        kept = {name for name, why in ptq4dm.lower(copy.deepcopy(graph), backend=backend)["kept"]
-                if "wider than int8" in why or "not 8 bits" in why}
-        assert readers and readers <= kept, (backend, readers, kept)
+    kept = {name for name, why in ptq4dm.lower(copy.deepcopy(graph), backend="triton")["kept"]
+            if "wider than int8" in why or "not 8 bits" in why}
+    assert readers and readers <= kept, ("triton", readers, kept)
+    off = ptq4dm.lower(copy.deepcopy(graph), backend="x86", split16=False)
+    assert readers <= {name for name, why in off["kept"] if "16 bits" in why or "cost rule" in why}, off["kept"]
+    on = ptq4dm.lower(copy.deepcopy(graph), backend="x86")
+    by_cost = {name for name, why in on["kept"] if "cost rule" in why}
+    assert not any("16 bits" in why for _, why in on["kept"])
+    assert on["counts"]["split16"] == len(readers - by_cost), (on["counts"], readers, by_cost)
+    every = ptq4dm.lower(copy.deepcopy(graph), backend="x86", min_k=1, min_n=1)   # the tiny convs too
+    assert every["counts"]["split16"] == len(readers), every["counts"]
 
 
 def test_a_bit_budget_puts_4_bits_where_they_cost_least(tiny_unet, tmp_path):
