@@ -46,7 +46,7 @@ BLOCKS = [
     ("DDIM-100, N = 500, `--seed 700`", [
         (NEW, "recommended/ddim100-500-s700.json", "w8a8-reconstruct"),
         (FAST, "ddim/ddim100-500-s700.json", "recommended"),
-        (PAPER, "recommended/ddim100-500-s700-paper.json", "paper"),   # not run yet (session time)
+        (PAPER, "recommended/ddim100-500-s700-paper.json", "paper"),
         (MINMAX, "ddim/ddim100-500-s700.json", "minmax-w8a8")]),
     ("DDIM-20, N = 500, `--seed 500`", [
         (NEW, "recommended/ddim20-500-s500.json", "w8a8-reconstruct"),
