@@ -159,6 +159,14 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
     kept = []
     dq_of = {}   # (fake_quant node) -> its dequantize node, shared by every lowered consumer
     i = 0
+
+    def weight_dq(buffers) -> fx.Node:
+        """get_attr of the int8 codes, scales and zero points -> dequantize_per_channel (at the insert point)."""
+        wn = [g.get_attr(nm) for nm in buffers]
+        wdq = g.call_function(qd.dequantize_per_channel.default, (*wn, 0, -128, 127, torch.int8))
+        for m in (*wn, wdq):
+            m.meta[ROLE] = "quant"
+        return wdq
     for n in list(g.nodes):
         if n.op != "call_function" or n.target not in (aten.conv2d.default, aten.linear.default):
             continue
@@ -205,11 +213,8 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
             if wide:
                 if fq not in dq_of:   # before the first consumer (graph order): in order, and before every later one
                     dq_of[fq] = _split16(g, qd, src, sv, int(zv))
-                wn = [g.get_attr(nm) for nm in names]
-                wdq = g.call_function(qd.dequantize_per_channel.default, (*wn, 0, -128, 127, torch.int8))
+                wdq = weight_dq(names)
         if wide:
-            for m in (*wn, wdq):
-                m.meta[ROLE] = "quant"
             hi, lo = dq_of[fq]
             n.args = (hi, wdq, *n.args[2:])
             rest = list(n.args[2:])
@@ -221,10 +226,7 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
             for nm, nm2 in zip(names, names2):
                 gm.register_buffer(nm2, getattr(gm, nm).clone())
             with g.inserting_before(n):
-                wn2 = [g.get_attr(nm) for nm in names2]
-                wdq2 = g.call_function(qd.dequantize_per_channel.default, (*wn2, 0, -128, 127, torch.int8))
-            for m in (*wn2, wdq2):
-                m.meta[ROLE] = "quant"
+                wdq2 = weight_dq(names2)
             with g.inserting_after(n):
                 n_lo = g.call_function(n.target, (lo, wdq2, *rest), dict(n.kwargs))
             with g.inserting_after(n_lo):
@@ -243,10 +245,7 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
                 with g.inserting_after(q):
                     dq_of[fq] = g.call_function(qd.dequantize_per_tensor.default, (q, scale, zp, 0, 255, torch.uint8))
                 q.meta[ROLE] = dq_of[fq].meta[ROLE] = "quant"
-            wn = [g.get_attr(nm) for nm in names]
-            wdq = g.call_function(qd.dequantize_per_channel.default, (*wn, 0, -128, 127, torch.int8))
-        for m in (*wn, wdq):
-            m.meta[ROLE] = "quant"
+            wdq = weight_dq(names)
         n.args = (dq_of[fq], wdq, *n.args[2:])
         counts["qconv2d" if is_conv else "qlinear"] += 1
         i += 1
