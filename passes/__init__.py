@@ -10,6 +10,7 @@
     reconstruct          learned rounding of the weights against the float layer outputs (AdaRound)
     bias_correct         empirical bias correction of quantized convs / linears (optional, not PTQ4DM's)
     noise_correct        per-step affine correction of the UNet output (PTQD-style; optional)
+    error_feedback       carry x_{t-1}'s rounding residual into the next step (8-bit x_{t-1} on DDIM; optional)
     lower                int8 ops (reference on CPU, Triton on CUDA)
 """
 
@@ -18,6 +19,7 @@ from .base import (PASS_REGISTRY, Pass, PassContext, PassManager, PipelineError,
 from .bias_correct import BiasCorrect
 from .calibrate import NDTC, Calibrate, CalibrationSet, RandomNoise, Single, Uniform, make_calibration_set
 from .decompose_attention import DecomposeAttention
+from .error_feedback import ErrorFeedback
 from .fakequant import FakeQuant
 from .lower import Lower
 from .mark import Mark, QuantPolicy
@@ -56,4 +58,5 @@ __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "PassManager", "PipelineError
            "parse_pipeline", "register_pass", "NDTC", "Uniform", "Single", "RandomNoise", "Calibrate", "BiasCorrect",
            "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Lower", "Mark", "QuantPolicy",
            "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE",
-           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "RECOMMENDED_FAST_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity", "Reconstruct"]
+           "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "RECOMMENDED_FAST_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity", "Reconstruct",
+           "ErrorFeedback"]

@@ -223,6 +223,10 @@ class Lower:
         if backend not in ("x86", "triton"):
             raise ValueError(f"lower: unknown backend {self.backend!r}; choose auto, x86 (CPU: Inductor + oneDNN "
                              f"int8) or triton (the ptq4dm int8 ops: Triton on CUDA, the int64 reference on CPU)")
+        if graph.meta.get("error_feedback"):
+            raise ValueError("lower: this graph has error_feedback, whose residual is Python-side chain state that "
+                             "neither backend compiles; lower the graph without it (drop error_feedback from the "
+                             "pipeline) or sample the fake-quant graph")
         graph.meta["lowered_backend"] = backend
         split = split_cat_convs(graph, qparams)
         if backend == "x86":

@@ -107,6 +107,7 @@ class Sensitivity:
     budget: float = 0.0    # > 0: mixed weight precision, at most this many bits per weight on average
                            # (each weight at its own bits or at weight_bits, least summed error)
     wide_bits: int = 16
+    outputs: bool = True   # widen may pick mean / variance / x_{t-1} (false: the sampler's outputs keep their bits)
     seed: int = 0          # the noise of the DDPM step's x_{t-1} (the same for every tensor)
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
@@ -273,7 +274,10 @@ class Sensitivity:
         the range their float input takes on the whole calibration set."""
         qparams, gm = graph.meta["qparams"], graph.gm
         by_key = {n.meta[QTENSOR].key: n for n in acts}
-        pick = [r["key"] for r in rows if r["key"] in by_key and r["role"] != "weight" and r["bits"] <= 8][: self.widen]
+        from .mark import OUTPUT_ROLES
+
+        pick = [r["key"] for r in rows if r["key"] in by_key and r["role"] != "weight" and r["bits"] <= 8
+                and (self.outputs or r["role"] not in OUTPUT_ROLES)][: self.widen]
         if not pick:
             return []
         interp.watch = {by_key[k]: (None, None) for k in pick}

@@ -97,7 +97,8 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
               "sampler": step.sampler.config(), "policy": dataclasses.asdict(policy),
               "fp_weights_sha256": weights_hash(step.unet), "ptq4dm_version": ptq4dm.__version__,
               "torch_version": torch.__version__, "specs": specs, "bias_corrected": sorted(corrected),
-              "bias_correct_groups": int(result.graph.meta.get("bias_correct_groups", 1)), **(extra or {})}
+              "bias_correct_groups": int(result.graph.meta.get("bias_correct_groups", 1)),
+              "error_feedback": result.graph.meta.get("error_feedback"), **(extra or {})}
     return save_artifact(path, tensors, header)
 
 
@@ -168,6 +169,9 @@ def load(path: str | Path, expect_fp_weights: torch.nn.Module | None = None, dev
     graph.meta["qparams"] = {k: q.to(device) for k, q in qps.items()}
     PassManager.from_pipeline("fakequant").run(graph, ctx)
     _restore_group_tables(graph, tensors, path)
+    if header.get("error_feedback"):   # sampler-side state, no tensors: the pass again, with its option
+        bits = int(header["error_feedback"].get("residual_bits", 0))
+        PassManager.from_pipeline(f"error_feedback{{residual_bits={bits}}}").run(graph, ctx)
     return graph, step, header
 
 

@@ -129,6 +129,8 @@ def test_evaluate_refuses_sampler_options_of_the_other_sampler(tmp_path, args, m
 
 def test_every_evaluate_config_builds_the_policy_its_label_names():
     sys.path.insert(0, str(REPO / "tools"))
+    from dataclasses import replace as dc_replace
+
     from evaluate import CONFIGS, policy_for
 
     assert len({c.name for c in CONFIGS}) == len(CONFIGS)
@@ -144,6 +146,10 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
     assert by["w8a8-reconstruct"].passes == PRESETS["recommended"][0] and pols["w8a8-reconstruct"] == pols["recommended"]
     assert all("reconstruct" not in PRESETS[by[n].preset][0] for n in ("w4a8", "recommended-fast"))
     assert "reconstruct" in PRESETS["recommended"][0] and "reconstruct" not in PRESETS["ptq4dm-paper"][0]
+    # the paper's full setting on the recommended passes: the preset's policy with 8-bit outputs, nothing else
+    for n in ("recommended-out8", "recommended-out8-ef", "recommended-out8-ef2"):
+        assert pols[n] == dc_replace(pols["recommended"], output_bits=8) and pols[n].quantize_outputs
+        assert "outputs=false" in by[n].passes and ("error_feedback" in by[n].passes) == (n != "recommended-out8")
     assert pols["ptq4dm-w8a16"].describe().startswith("W8A16") and pols["ptq4dm-w8a16"].output_bits == 16
     assert pols["ptq4dm-w16a8"].describe().startswith("W16A8")
     assert not pols["ptq4dm-w8a8-attn-fp"].quantize_attention

@@ -52,6 +52,7 @@ class Config:
     bias_groups: int = 1            # > 1: bias_correct{groups=G}, a correction per group of sampler steps (ours)
     preset: str = ""                # a named pipeline (ptq4dm.passes.PRESETS) with its own policy: the fields above are ignored
     passes: str = ""                # with preset: this pass list instead of the preset's (its policy kept)
+    policy_overrides: tuple = ()    # with preset: ((QuantPolicy field, value), ...) changed in the preset's policy
 
 
 CONFIGS = [
@@ -67,6 +68,21 @@ CONFIGS = [
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=8,weights=false},"
                   "bias_correct{groups=10}"),
     Config("paper", "W8A8 PTQ4DM, the paper's full setting (pipeline 'ptq4dm-paper')", preset="ptq4dm-paper"),
+    # issue 25: the paper's full setting (8-bit mean / variance / x_{t-1}) on the recommended passes, with and
+    # without error feedback on x_{t-1}'s rounding (widen may not pick the outputs)
+    Config("recommended-out8", "W8A8 recommended passes, mean / variance / x_{t-1} at 8 bits (the paper's full setting)",
+           preset="recommended", policy_overrides=(("output_bits", 8),),
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,"
+                  "sensitivity{widen=4,weights=false,outputs=false},reconstruct,bias_correct{groups=10}"),
+    Config("recommended-out8-ef", "W8A8 recommended passes, 8-bit mean / variance / x_{t-1} + error feedback "
+           "(float residual)", preset="recommended", policy_overrides=(("output_bits", 8),),
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,"
+                  "sensitivity{widen=4,weights=false,outputs=false},reconstruct,bias_correct{groups=10},error_feedback"),
+    Config("recommended-out8-ef2", "W8A8 recommended passes, 8-bit mean / variance / x_{t-1} + error feedback "
+           "(2-bit residual)", preset="recommended", policy_overrides=(("output_bits", 8),),
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,"
+                  "sensitivity{widen=4,weights=false,outputs=false},reconstruct,bias_correct{groups=10},"
+                  "error_feedback{residual_bits=2}"),
     # issue 26: 4-bit weights on the recommended preset, nearest rounding vs learned rounding (reconstruct)
     Config("w4a8", "W4A8 recommended preset, weights rounded to nearest", preset="recommended-fast", weight_bits=4),
     Config("w4a8-reconstruct", "W4A8 recommended preset + reconstruct (AdaRound)", preset="recommended", weight_bits=4,
@@ -130,8 +146,8 @@ def policy_for(cfg: Config, steps: int):
     """The QuantPolicy a configuration quantizes with (``steps``: the sampler's, for per-step ranges)."""
     from ptq4dm.passes import PRESETS, QuantPolicy
 
-    if cfg.preset:   # the preset's policy; weight_bits is the one field a preset row may change
-        return dataclasses.replace(PRESETS[cfg.preset][1], weight_bits=cfg.weight_bits)
+    if cfg.preset:   # the preset's policy; weight_bits and policy_overrides are what a preset row may change
+        return dataclasses.replace(PRESETS[cfg.preset][1], weight_bits=cfg.weight_bits, **dict(cfg.policy_overrides))
 
     return QuantPolicy(weight_bits=cfg.weight_bits, act_bits=cfg.act_bits, attn_bits=cfg.attn_bits,
                        output_bits=cfg.output_bits, quantize_attention=cfg.quantize_attention,
@@ -150,7 +166,7 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
     if cfg.preset:   # as a user gets it: the preset's passes and policy, the default solver
         from ptq4dm.passes import PRESETS
 
-        own = cfg.passes or cfg.weight_bits != 8
+        own = cfg.passes or cfg.weight_bits != 8 or cfg.policy_overrides
         return ptq4dm.quantize(step, calibration=NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
                                pipeline=cfg.passes or cfg.preset, policy=policy_for(cfg, steps) if own else None,
                                cache_dir=cache_dir)

@@ -78,6 +78,21 @@ CFG = {
                         ",sensitivity{widen=4,weights=false,refine=8}" + BC, "mse"),
  "rec-widen4-refineall": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
                           ",sensitivity{widen=4,weights=false,refine=-1}" + BC, "mse"),
+ # the paper's full setting (8-bit mean / variance / x_{t-1}) on top of the recommended passes; widen may not pick
+ # the outputs; error_feedback carries x_{t-1}'s rounding residual into the next step (float / 2 bits)
+ "rec-out8": (dict(keep_first_last_fp=True, time_path_fp=True), ",sensitivity{widen=4,weights=false,outputs=false}" + BC, "mse"),
+ "rec-out8-ef": (dict(keep_first_last_fp=True, time_path_fp=True),
+                 ",sensitivity{widen=4,weights=false,outputs=false}" + BC + ",error_feedback", "mse"),
+ "rec-out8-ef2": (dict(keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false,outputs=false}" + BC + ",error_feedback{residual_bits=2}", "mse"),
+ "rec-out8-g50-ef": (dict(keep_first_last_fp=True, time_path_fp=True, timestep_groups=50, grouped_roles=OUTPUT_ROLES),
+                     ",sensitivity{widen=4,weights=false,outputs=false}" + BC + ",error_feedback", "mse"),
+ "rec-out8-g50": (dict(keep_first_last_fp=True, time_path_fp=True, timestep_groups=50, grouped_roles=OUTPUT_ROLES),
+                  ",sensitivity{widen=4,weights=false,outputs=false}" + BC, "mse"),
+ "recon-out8-ef": (dict(keep_first_last_fp=True, time_path_fp=True),
+                   ",sensitivity{widen=4,weights=false,outputs=false},reconstruct" + BC + ",error_feedback", "mse"),
+ "recon-out8-ef2": (dict(keep_first_last_fp=True, time_path_fp=True),
+                    ",sensitivity{widen=4,weights=false,outputs=false},reconstruct" + BC + ",error_feedback{residual_bits=2}", "mse"),
 }
 p = argparse.ArgumentParser(); p.add_argument("cfgs", nargs="+"); p.add_argument("--n", type=int, default=300)
 p.add_argument("--seed", type=int, default=11); p.add_argument("--calib-seed", type=int, default=None)

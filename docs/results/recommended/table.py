@@ -22,6 +22,8 @@ NEW = "W8A8 **recommended** (with `reconstruct`; the default)"
 FAST = "W8A8 recommended-fast (no `reconstruct`; the default of 2026-12-03)"
 PAPER = "W8A8 PTQ4DM, the paper's full setting"
 MINMAX = "W8A8 NDTC + min-max ranges"
+OUT8EF = ("W8A8, the paper's full setting (8-bit mean / variance / x_{t-1}) on the recommended passes "
+          "+ `error_feedback`")
 BLOCKS = [
     ("DDPM-100, N = 1,000, `--seed 0`", [
         (NEW, "recommended/ddpm100-1000-s0.json", "recommended"),
@@ -37,12 +39,14 @@ BLOCKS = [
         (NEW, "w4/ddim50-1000-s1000-w4.json", "w8a8-reconstruct"),
         (FAST, "ddim/ddim50-1000-s1000-widen4.json", "recommended"),
         (PAPER, "ddim/ddim50-1000-s1000.json", "paper"),
-        (MINMAX, "ddim/ddim50-1000-s1000.json", "minmax-w8a8")]),
+        (MINMAX, "ddim/ddim50-1000-s1000.json", "minmax-w8a8"),
+        (OUT8EF, "recommended/ddim50-1000-s1000-out8-ef.json", "recommended-out8-ef")]),
     ("DDIM-50, N = 1,000, `--seed 2000`", [
         (NEW, "w4/ddim50-1000-s2000-w4.json", "w8a8-reconstruct"),
         (FAST, "ddim/ddim50-1000-s2000.json", "recommended"),
         (PAPER, "ddim/ddim50-1000-s2000.json", "paper"),
-        (MINMAX, "ddim/ddim50-1000-s2000.json", "minmax-w8a8")]),
+        (MINMAX, "ddim/ddim50-1000-s2000.json", "minmax-w8a8"),
+        (OUT8EF, "recommended/ddim50-1000-s2000-out8-ef.json", "recommended-out8-ef")]),
     ("DDIM-100, N = 500, `--seed 700`", [
         (NEW, "recommended/ddim100-500-s700.json", "w8a8-reconstruct"),
         (FAST, "ddim/ddim100-500-s700.json", "recommended"),
@@ -94,12 +98,12 @@ def table() -> str:
 
 def summary() -> str:
     """One line per block (README): FP's FID, then each configuration's gap to FP (PSNR for the
-    recommended row)."""
+    recommended row); the first four rows of each block (the columns every block has)."""
     out = ["| sampler, N, seed set | FP FID | **recommended** vs FP | PSNR vs FP (dB) | digit changes | recommended-fast | paper's full setting | min-max |",
            "|---|---|---|---|---|---|---|---|"]
     for title, rows in BLOCKS:
         cells, fp = [], None
-        for _, f, cfg in rows:
+        for _, f, cfg in rows[:4]:
             got = _rows(RES / f)
             fp = fp if fp is not None else (got or {}).get("fp", {}).get("fid")
             cells.append((got or {}).get(cfg))
