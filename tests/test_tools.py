@@ -145,6 +145,8 @@ def test_cli_bad_input(tmp_path):
     assert rc == 2 and "--weight-budget" in err and not (tmp_path / "a.safetensors").exists()
     rc, err = run_main("quantize", "--model", "tiny", "--reconstruct", "--no-reconstruct", "--out", a)
     assert rc == 2 and "contradict" in err and not (tmp_path / "a.safetensors").exists()
+    rc, err = run_main("quantize", "--model", "tiny", "--error-feedback", "--out", a)   # x_{t-1} is 16-bit here
+    assert rc == 2 and "--output-bits 8" in err and not (tmp_path / "a.safetensors").exists()
     rc, err = run_main("quantize", "--out", "/proc/ptq4dm/a.safetensors")
     assert rc != 0 and "cannot write" in err
     torch.manual_seed(0)
@@ -192,6 +194,23 @@ def test_cli_weight_budget_with_reconstruct(tmp_path, capsys):
 
     _, _, header = artifact.load(out)
     assert {s_["bits"] for s_ in header["specs"] if s_["role"] == "weight"} == {4, 8}
+
+
+def test_cli_error_feedback_keeps_8_bit_outputs_and_says_why_it_is_not_timed(tmp_path, capsys):
+    out = tmp_path / "ef.ptq4dm.safetensors"
+    rc, err = run_main("quantize", "--model", "tiny", "--steps", "4", "--n", "8", "--sample", "2", "--no-progress",
+                       "--pipeline", "recommended-fast", "--output-bits", "8", "--speed",
+                       "--error-feedback", "error_feedback{residual_bits=2}", "--out", str(out))
+    text = capsys.readouterr().out
+    assert rc == 0, err[-3000:]
+    assert "not measured: error_feedback" in text, text
+    from ptq4dm import artifact
+
+    _, _, header = artifact.load(out)
+    assert header["error_feedback"]["residual_bits"] == 2
+    assert {s_["bits"] for s_ in header["specs"] if s_["role"] == "prev_sample"} == {8}   # widen left it at 8
+    rc, err = run_main("sample", str(out), "--n", "2", "--lower", "--out", str(tmp_path / "s.png"))
+    assert rc == 2 and "--no-lower" in err and not (tmp_path / "s.png").exists()
 
 
 def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "'reconstruct{iters=600}' (docs/passes.md)")
     q.add_argument("--no-reconstruct", action="store_true",
                    help="drop the reconstruct pass from the pipeline (weights rounded to nearest; faster to quantize)")
+    q.add_argument("--error-feedback", nargs="?", const="error_feedback", default=None, metavar="OPTIONS",
+                   help="carry x_{t-1}'s rounding residual into the next step (with --output-bits 8: the paper's 8-bit "
+                        "outputs that hold on DDIM; the residual is sampler state, float32 or e.g. "
+                        "'error_feedback{residual_bits=2}'; the graph is not lowered; docs/passes.md)")
     q.add_argument("--weight-budget", type=float, default=None, metavar="BITS",
                    help="mixed 4 / 8-bit weights, at most BITS bits per weight on average, each weight's width chosen "
                         "from its measured error (sensitivity{budget=BITS}); the recommended pipeline then learns their rounding")
@@ -259,6 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = ",".join(passes_)
         if args.bias_correct:
             pipeline += ",bias_correct" if args.bias_groups == 1 else f",bias_correct{{groups={args.bias_groups}}}"
+        if args.error_feedback:
+            if not args.error_feedback.startswith("error_feedback"):
+                parser.error(f"--error-feedback takes the pass with its options, e.g. "
+                             f"'error_feedback{{residual_bits=2}}', got {args.error_feedback!r}")
+            if policy.output_bits > 8 or not policy.quantize_outputs:
+                parser.error("--error-feedback corrects the rounding of an 8-bit x_{t-1}; give --output-bits 8 "
+                             f"(x_{{t-1}} is {'float' if not policy.quantize_outputs else f'{policy.output_bits}-bit'} here)")
+            pipeline += "," + args.error_feedback
+            # widen must not hand x_{t-1} its 16 bits back
+            pipeline = pipeline.replace("sensitivity{", "sensitivity{outputs=false,", 1) if "sensitivity{" in pipeline \
+                else pipeline
         result = ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy,
                                  pipeline=pipeline, progress=not args.no_progress,
                                  cache_dir=Path(args.cache_dir) if args.cache_dir else REPO / ".cache" / "calibration", dump_after=tuple(args.dump_ir_after),
@@ -341,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     if grid:
         print(f"  samples          {grid} (PSNR vs FP on the same seeds: {report['psnr_vs_fp_db']:.2f} dB)")
     print(f"  report           {out.with_suffix('.report.json')}")
-    if args.speed if args.speed is not None else args.demo:
+    if (args.speed if args.speed is not None else args.demo) and result.graph.meta.get("error_feedback"):
+        print("  speed            not measured: error_feedback's residual is Python-side sampler state that the "
+              "int8 backends do not compile (docs/passes.md)")
+    elif args.speed if args.speed is not None else args.demo:
         t1 = time.perf_counter()
         sp = step_speed(step, result.graph)
         stages["speed"] = time.perf_counter() - t1

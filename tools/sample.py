@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, FileNotFoundError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    lower = args.lower if args.lower is not None else device == "cuda"
+    ef = header.get("error_feedback")
+    lower = args.lower if args.lower is not None else (device == "cuda" and not ef)
+    if lower and ef:
+        print(f"error: {args.artifact} was quantized with error_feedback, whose residual is Python-side sampler "
+              "state that the int8 backends do not compile; sample it with --no-lower", file=sys.stderr)
+        return 2
     fn = graph
     if lower:
         info = ptq4dm.lower(graph)

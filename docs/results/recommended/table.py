@@ -23,7 +23,8 @@ FAST = "W8A8 recommended-fast (no `reconstruct`; the default of 2026-12-03)"
 PAPER = "W8A8 PTQ4DM, the paper's full setting"
 MINMAX = "W8A8 NDTC + min-max ranges"
 OUT8EF = ("W8A8, the paper's full setting (8-bit mean / variance / x_{t-1}) on the recommended passes "
-          "+ `error_feedback`")
+          "+ `error_feedback` (float32 residual)")
+OUT8EF2 = "... the same with `error_feedback{residual_bits=2}` (8-bit x_{t-1} + 2-bit residual)"
 BLOCKS = [
     ("DDPM-100, N = 1,000, `--seed 0`", [
         (NEW, "recommended/ddpm100-1000-s0.json", "recommended"),
@@ -40,13 +41,15 @@ BLOCKS = [
         (FAST, "ddim/ddim50-1000-s1000-widen4.json", "recommended"),
         (PAPER, "ddim/ddim50-1000-s1000.json", "paper"),
         (MINMAX, "ddim/ddim50-1000-s1000.json", "minmax-w8a8"),
-        (OUT8EF, "recommended/ddim50-1000-s1000-out8-ef.json", "recommended-out8-ef")]),
+        (OUT8EF, "recommended/ddim50-1000-s1000-out8-ef.json", "recommended-out8-ef"),
+        (OUT8EF2, "recommended/ddim50-1000-s1000-out8-ef.json", "recommended-out8-ef2")]),
     ("DDIM-50, N = 1,000, `--seed 2000`", [
         (NEW, "w4/ddim50-1000-s2000-w4.json", "w8a8-reconstruct"),
         (FAST, "ddim/ddim50-1000-s2000.json", "recommended"),
         (PAPER, "ddim/ddim50-1000-s2000.json", "paper"),
         (MINMAX, "ddim/ddim50-1000-s2000.json", "minmax-w8a8"),
-        (OUT8EF, "recommended/ddim50-1000-s2000-out8-ef.json", "recommended-out8-ef")]),
+        (OUT8EF, "recommended/ddim50-1000-s2000-out8-ef.json", "recommended-out8-ef"),
+        (OUT8EF2, "recommended/ddim50-1000-s2000-out8-ef.json", "recommended-out8-ef2")]),
     ("DDIM-100, N = 500, `--seed 700`", [
         (NEW, "recommended/ddim100-500-s700.json", "w8a8-reconstruct"),
         (FAST, "ddim/ddim100-500-s700.json", "recommended"),
