@@ -19,6 +19,9 @@ rewrites need, and fair to the float ones). Model ``default`` is the shipped MNI
 Records: JSON list with device (the CPU model and its ISA flags on the CPU), threads, torch /
 torchao versions, model, batch, config, ms_per_step (median), ms_sample (end-to-end, --chain
 steps), speedups vs fp32-eager, fp32-compile, bf16-compile and pt2e-x86-int8 of the same run;
+timing is interleaved: every config of a (model, batch) is built first, then ``--rounds`` rounds
+time each in turn (``--iters`` calls, the order rotating), and a config's time is the median of its
+round medians, with the rounds kept (``ms_rounds``) to show the noise;
 a Markdown table; a per-op profile of ours vs bf16; weight bytes (fp32, bf16, int8 artifact).
 A config that fails is recorded with its error, not hidden.
 """
@@ -194,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                    + "; default: " + "; ".join(f"{k}: {','.join(v)}" for k, v in DEFAULT_CONFIGS.items()))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="timed calls per config per round")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds over all configs, interleaved; a config's time is the median of its round medians")
     p.add_argument("--chain", type=int, default=10, help="sampling steps for the end-to-end time (0: skip)")
     p.add_argument("--calib-n", type=int, default=8, help="calibration samples for ours (speed does not depend on them)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -248,16 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         extras["weights"][model] = weight_bytes(step, args.calib_n)
         for batch in batches:
             shape = step.sample_shape(batch)
+            torch._dynamo.reset()   # each batch compiles afresh (no dynamic-shape recompile of the previous
+            #                         batch's frozen graphs); within a batch every config stays built
+            built = {}              # config -> (fn, args, record)
             for config in configs:
                 rec = {"device": dev_name, "model": model, "batch": batch, "config": config,
                        "threads": torch.get_num_threads(), **({"isa_flags": isa["flags"]} if isa else {}),
                        "torch": torch.__version__, "torchao": ao_version, "date": datetime.date.today().isoformat(),
                        "compile_mode": (args.compile_mode or "default") if "compile" in config or config == "ptq4dm-w8a8" else None}
+                records.append(rec)
                 try:
                     with torch.no_grad():
                         build.last_lower = None
-                        torch._dynamo.reset()   # each config compiles afresh for its batch (no dynamic-shape
-                        #                         recompile of the previous batch's frozen graph)
                         fn, dtype, fmt = build(config, step, batch, dev, args.calib_n, args.compile_mode)
                         t_build = time.perf_counter()
                         g = torch.Generator().manual_seed(batch)
@@ -266,25 +273,53 @@ def main(argv: list[str] | None = None) -> int:
                         t = torch.full((batch,), int(sampler.timesteps[0]), device=dev)
                         fn(x, t, noise)   # the first call compiles
                         rec["first_call_s"] = time.perf_counter() - t_build
-                        rec["ms_per_step"] = time_fn(fn, (x, t, noise), dev, args.warmup, args.iters)
                         if build.last_lower:
                             rec["lower"] = build.last_lower
+                        built[config] = (fn, (x, t, noise), dtype)
+                except Exception as e:  # recorded, never hidden: the table shows the failure
+                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    traceback.print_exc(limit=2, file=sys.stderr)
+                    print(f"{model:<18} b={batch:<4} {config:<24} {rec['error']}", flush=True)
+            # timing: rounds over all configs, interleaved (the order rotates each round), so that a
+            # machine whose speed drifts during the run (shared hosts: 10-25% measured) moves every
+            # config alike; a config's time is the median over rounds of its per-round median
+            rounds = {c: [] for c in built}
+            order = list(built)
+            with torch.no_grad():
+                for c in order:
+                    fn, a, _ = built[c]
+                    for _ in range(args.warmup):
+                        fn(*a)
+                for r_i in range(args.rounds):
+                    for c in order[r_i % len(order):] + order[:r_i % len(order)]:
+                        fn, a, _ = built[c]
+                        rounds[c].append(time_fn(fn, a, dev, 1, args.iters))
+            for rec in records[-len(configs):]:
+                c = rec["config"]
+                if c not in built:
+                    continue
+                rec["ms_per_step"] = statistics.median(rounds[c])
+                rec["ms_rounds"] = [round(v, 3) for v in rounds[c]]
+                fn, (x, t, noise), dtype = built[c]
+                try:
+                    with torch.no_grad():
                         if args.chain:
-                            def chain(x0):
+                            def chain(x0, fn=fn, noise=noise, dtype=dtype):
                                 xc = x0
                                 for tv in sampler.timesteps.tolist():
                                     xc = fn(xc, torch.full((batch,), tv, device=dev), noise)[0].to(dtype)
                                 return xc
                             rec["ms_sample"] = time_fn(chain, (x,), dev, 1, max(1, args.iters // 5))
                             rec["chain_steps"] = sampler.S
-                        if args.profile and batch == max(batches) and config in ("bf16-compile", "bf16-eager", "ptq4dm-w8a8"):
-                            extras["profile"][f"{model}/{config}/b{batch}"] = profile_ops(fn, (x, t, noise), dev)
-                except Exception as e:  # recorded, never hidden: the table shows the failure
+                        if args.profile and batch == max(batches) and c in ("bf16-compile", "bf16-eager", "ptq4dm-w8a8"):
+                            extras["profile"][f"{model}/{c}/b{batch}"] = profile_ops(fn, (x, t, noise), dev)
+                except Exception as e:
                     rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     traceback.print_exc(limit=2, file=sys.stderr)
-                records.append(rec)
-                ms = rec.get("ms_per_step")
-                print(f"{model:<18} b={batch:<4} {config:<24} " + (f"{ms:9.3f} ms/step" if ms is not None else rec["error"]), flush=True)
+                ms = rec["ms_per_step"]
+                spread = f"  (rounds {min(rounds[c]):.1f}-{max(rounds[c]):.1f})"
+                print(f"{model:<18} b={batch:<4} {c:<24} {ms:9.3f} ms/step{spread}", flush=True)
+            del built
     # ratios within the run
     for r in records:
         same = {q["config"]: q.get("ms_per_step") for q in records if q["model"] == r["model"] and q["batch"] == r["batch"]}
