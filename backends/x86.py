@@ -35,8 +35,12 @@ What stays in float (fake-quant, as simulated; each reported with its reason):
   * convs / linears the cost rule keeps: fewer than ``min_k`` reduction elements
     (C_in * kh * kw) or fewer than ``min_n`` output channels (e.g. a 1-channel conv_in / conv_out),
     where quantize + oneDNN dispatch cost more than the float op saves.
-Output quantizers (mean / variance / x_{t-1}) and bias_correct's group tables stay fake-quant
-/ float adds: pointwise, fused by Inductor into their neighbours.
+Output quantizers (mean / variance / x_{t-1}) stay fake-quant: pointwise, fused by Inductor into
+their neighbours. bias_correct's per-group tables are folded into the conv / linear biases
+(``fold_group_tables``: the row of the batch's group of sampler steps added to the bias, exact
+when the batch shares t, as in sampling; ``CompiledStep`` runs a batch that mixes groups group by
+group). A linear over tokens ((B, L, C), attention's q / k / v / out) runs on its input viewed as
+(B L, C), which Inductor's int8 rewrite matches whatever the input's memory layout.
 """
 
 from __future__ import annotations
@@ -134,6 +138,16 @@ def _split16(g: fx.Graph, qd, src: fx.Node, scale: torch.Tensor, zero_point: int
     return dq_hi, dq_lo
 
 
+def _unflatten(g: fx.Graph, out: fx.Node, tokens: list, n_out: int) -> None:
+    """``out`` (a linear run on (B L, K)) viewed back as (B, L, N) for its users."""
+    from ptq4dm.ir.graph import ROLE
+
+    with g.inserting_after(out):
+        back = g.call_function(aten.reshape.default, (out, [-1, *tokens, int(n_out)]))
+    out.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+    back.meta[ROLE] = "quant"
+
+
 def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bits: int | str = "auto",
               split16: bool = True) -> dict:
     """Rewrite ``graph`` (a fake-quant StepGraph) in place into PT2E's reference form. Returns
@@ -157,7 +171,8 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
     g, gm = graph.graph, graph.gm
     counts = {"qconv2d": 0, "qlinear": 0, "split16": 0}
     kept = []
-    dq_of = {}   # (fake_quant node) -> its dequantize node, shared by every lowered consumer
+    dq_of = {}   # (fake_quant node, flattened) -> its dequantize node(s), shared by every lowered consumer
+    src_of = {}  # (fake_quant node, True) -> its input viewed as (tokens, channels)
     i = 0
 
     def weight_dq(buffers) -> fx.Node:
@@ -209,13 +224,27 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
         gm.register_buffer(names[1], w_scale)
         gm.register_buffer(names[2], torch.zeros(wq.shape[0], dtype=torch.int64))
         scale, zp = float(sv), int(zv) + 128
+        # a linear over tokens (B, L, K): quantized and run as (B L, K), then viewed back. On a
+        # (B, L, K) input Inductor's int8 rewrite matched only when the input happened to be
+        # contiguous; attention's transposed GroupNorm output is not, and its q / k / v became float
+        # batched matmuls (measured: 12 of the default model's 16 linears)
+        val = fq.meta.get("val")
+        tokens = None
+        if not is_conv and val is not None and val.dim() > 2 and all(type(d) is int for d in val.shape[1:]):
+            tokens = [int(d) for d in val.shape[1:-1]]
+        key = (fq, tokens is not None)
+        if tokens is not None and key not in src_of:
+            with g.inserting_after(fq):
+                src_of[key] = g.call_function(aten.reshape.default, (src, [-1, int(val.shape[-1])]))
+            src_of[key].meta[ROLE] = "quant"
+        x_in = src_of.get(key, src)
         with g.inserting_before(n):
             if wide:
-                if fq not in dq_of:   # before the first consumer (graph order): in order, and before every later one
-                    dq_of[fq] = _split16(g, qd, src, sv, int(zv))
+                if key not in dq_of:   # before the first consumer (graph order): in order, and before every later one
+                    dq_of[key] = _split16(g, qd, x_in, sv, int(zv))
                 wdq = weight_dq(names)
         if wide:
-            hi, lo = dq_of[fq]
+            hi, lo = dq_of[key]
             n.args = (hi, wdq, *n.args[2:])
             rest = list(n.args[2:])
             if rest:
@@ -234,19 +263,23 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
             n.replace_all_uses_with(total, delete_user_cb=lambda u: u is not total)
             for m in (n_lo, total):
                 m.meta.update({k: v for k, v in n.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+            if tokens is not None:
+                _unflatten(g, total, tokens, wv.shape[0])
             counts["qconv2d" if is_conv else "qlinear"] += 2
             counts["split16"] += 1
             i += 1
             continue
         with g.inserting_before(n):
-            if fq not in dq_of:
-                with g.inserting_after(fq):
-                    q = g.call_function(qd.quantize_per_tensor.default, (src, scale, zp, 0, 255, torch.uint8))
+            if key not in dq_of:
+                with g.inserting_after(x_in if tokens is not None else fq):
+                    q = g.call_function(qd.quantize_per_tensor.default, (x_in, scale, zp, 0, 255, torch.uint8))
                 with g.inserting_after(q):
-                    dq_of[fq] = g.call_function(qd.dequantize_per_tensor.default, (q, scale, zp, 0, 255, torch.uint8))
-                q.meta[ROLE] = dq_of[fq].meta[ROLE] = "quant"
+                    dq_of[key] = g.call_function(qd.dequantize_per_tensor.default, (q, scale, zp, 0, 255, torch.uint8))
+                q.meta[ROLE] = dq_of[key].meta[ROLE] = "quant"
             wdq = weight_dq(names)
-        n.args = (dq_of[fq], wdq, *n.args[2:])
+        n.args = (dq_of[key], wdq, *n.args[2:])
+        if tokens is not None:
+            _unflatten(g, n, tokens, wv.shape[0])
         counts["qconv2d" if is_conv else "qlinear"] += 1
         i += 1
     g.eliminate_dead_code()
@@ -255,6 +288,81 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
             delattr(gm, name)
     gm.recompile()
     return {"counts": counts, "kept": kept, "weight_bits": weight_bits}
+
+
+def fold_group_tables(graph) -> int:
+    """bias_correct's per-group tables folded into the conv / linear bias: ``layer(x, w, b) +
+    table[group(t)]`` -> ``layer(x, w, b + table[group(t[0])])``. Exact when every sample of the
+    batch is in one group of sampler steps, as in sampling (the batch shares t); the graph then
+    asserts it (``_assert_async``) and ``CompiledStep`` splits a batch with mixed groups. Why: the
+    table add after a layer costs a pass over its output and, after a linear, breaks oneDNN's
+    binary (residual add) and output-quantize fusions: ddpm-cifar10 batch 8 ran 10% faster without
+    the adds (docs/results.md, Speed). Returns the number of tables folded."""
+    from ptq4dm.ir.graph import ROLE
+
+    g, gm = graph.graph, graph.gm
+    group = next((n for n in g.nodes if n.op == "call_function" and n.target is aten.index.Tensor
+                  and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"
+                  and n.args[0].target == "ptq4dm_bc_group_of_t"), None)
+    if group is None:
+        return 0
+    layers = (aten.conv2d.default, aten.linear.default)
+    folded, first = 0, None
+    for add in list(g.nodes):
+        if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2:
+            continue
+        y, view = add.args
+        if not (isinstance(view, fx.Node) and view.target is aten.view.default
+                and isinstance(view.args[0], fx.Node) and view.args[0].target is aten.index.Tensor
+                and view.args[0].args[1] == [group] and isinstance(y, fx.Node)):
+            continue
+        tab = view.args[0].args[0]
+        layer = y
+        if y.target is aten.reshape.default and len(y.users) == 1:   # a token linear run flat (_unflatten)
+            layer = y.args[0]
+        if layer.target is aten.add.Tensor:   # split16: hi + lo, the bias is on the first of the two
+            pair = layer.args
+            layer = next((a for a in pair if isinstance(a, fx.Node) and a.target in layers
+                          and len(a.args) > 2 and a.args[2] is not None), None)
+            if layer is None:
+                layer = next((a for a in pair if isinstance(a, fx.Node) and a.target in layers), None)
+        if layer is None or layer.target not in layers or len(y.users) != 1:
+            continue
+        if first is None:   # the batch's group: that of its first sample; all must share it
+            with g.inserting_after(group):
+                first = g.call_function(aten.slice.Tensor, (group, 0, 0, 1))
+            with g.inserting_after(first):
+                eq = g.call_function(aten.eq.Tensor, (group, first))
+            with g.inserting_after(eq):
+                same = g.call_function(aten.all.default, (eq,))
+            with g.inserting_after(same):
+                chk = g.call_function(aten._assert_async.msg, (same, "ptq4dm lowered step: bias_correct's tables are "
+                                      "folded into the biases for one group of sampler steps per batch; this batch "
+                                      "mixes groups (run it per timestep, as sampling does, or lower with "
+                                      "fold_tables=false)"))
+            for m in (first, eq, same, chk):
+                m.meta[ROLE] = "quant"
+        with g.inserting_before(layer):
+            tab_here = g.get_attr(str(tab.target))   # the table's get_attr follows the layer
+            row = g.call_function(aten.view.default, (g.call_function(aten.index.Tensor, (tab_here, [first])), [-1]))
+            bias = layer.args[2] if len(layer.args) > 2 else None
+            new_bias = row if bias is None else g.call_function(aten.add.Tensor, (bias, row))
+        for m in (tab_here, row, row.args[0], new_bias):
+            m.meta[ROLE] = "quant"
+        args = list(layer.args)
+        if len(args) < 3:
+            args.append(new_bias)
+        else:
+            args[2] = new_bias
+        layer.args = tuple(args)
+        add.replace_all_uses_with(y)
+        g.erase_node(add)
+        folded += 1
+    g.eliminate_dead_code()
+    gm.recompile()
+    if folded:
+        gm.meta["ptq4dm_group_of_t"] = "ptq4dm_bc_group_of_t"   # CompiledStep: split a batch that mixes groups
+    return folded
 
 
 class CompiledStep(torch.nn.Module):
@@ -271,7 +379,26 @@ class CompiledStep(torch.nn.Module):
         # freezing set globally while compiling: torch.compile(options={"freezing": True}) is not
         # read everywhere (linears then keep an unfolded qlinear_prepack and fail to compile)
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            return self._fn(x, t, noise)
+            table = self.gm.meta.get("ptq4dm_group_of_t")
+            if table is None or t.numel() <= 1:
+                return self._fn(x, t, noise)
+            group = getattr(self.gm, table)[t]
+            if bool((group == group[0]).all()):
+                return self._fn(x, t, noise)
+            # bias_correct's tables are folded for one group of sampler steps per batch (sampling
+            # shares t); a batch that mixes groups runs group by group
+            outs = None
+            for gv in torch.unique(group):
+                idx = (group == gv).nonzero().flatten()
+                part = self._fn(x[idx], t[idx], noise[idx])
+                if outs is None:
+                    outs = [p.new_empty((x.shape[0], *p.shape[1:])) for p in part]
+                for o, p in zip(outs, part):
+                    if p.shape[0] != idx.numel():
+                        raise RuntimeError("lowered step: an output without a batch dimension in a batch that mixes "
+                                           "groups of sampler steps; lower with fold_tables=false")
+                    o[idx] = p
+            return tuple(outs)
 
 
 def compiled_code(step: CompiledStep, *args) -> str:

@@ -213,6 +213,7 @@ class Lower:
     min_n: int = 16             # ... and >= min_n output channels
     weight_bits: str = "auto"   # x86: auto (8 with VNNI, 7 without: see backends/x86.py), 7 or 8
     split16: bool = True        # x86: a conv / linear with a 16-bit input as two int8 ops (high / low byte)
+    fold_tables: bool = True    # x86: bias_correct's per-group tables into the biases (one group of steps per batch)
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
@@ -235,6 +236,10 @@ class Lower:
             ctx.results["lower"] = {"backend": "x86", "split_cat": split, **lower_x86(graph, qparams, self.min_k, self.min_n,
                                                                   self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits),
                                                                   self.split16)}
+            if self.fold_tables:
+                from ptq4dm.backends.x86 import fold_group_tables
+
+                ctx.results["lower"]["folded_tables"] = fold_group_tables(graph)
             return
         counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0, "requant_fused": 0}
         kept = []

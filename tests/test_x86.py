@@ -142,6 +142,66 @@ def test_a_16_bit_input_runs_as_two_int8_convs_with_the_simulated_values(batch):
         assert compiled_code(compiled, x, t, noise).count("onednn.qconv") >= 2
 
 
+def test_a_linear_over_tokens_runs_as_one_oneDNN_int8_linear():
+    """A linear applied over the positions of a channels-last view (attention's q / k / v read the
+    transposed GroupNorm output: a non-contiguous (B, L, C) input) is lowered as one int8 linear on
+    (B L, C): Inductor turned it into a float batched matmul before (the default model's q / k / v)."""
+    layer = OneLayer(32, 24, 8, "linear")
+    step, res = _quantized(layer, 3)
+    info = ptq4dm.lower(res.graph, backend="x86")
+    assert info["counts"]["qlinear"] == 1, info
+    compiled = ptq4dm.compile_step(res.graph)
+    code = compiled_code(compiled, *_inputs(step, 3, 0))
+    assert code.count("onednn.qlinear") >= 1 and "extern_kernels.bmm" not in code
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_bias_correct_tables_fold_into_the_biases(batch):
+    """bias_correct's per-group tables (an add after each layer, indexed by t's group of sampler
+    steps) are folded into the conv biases by lower (fold_tables, the default): no table add is
+    left after a layer; for a batch that shares t (sampling) the compiled graph is within one
+    output step of the fake-quant graph; a batch that mixes groups gives the same values through
+    compile_step (which runs it group by group), and the lowered graph called directly refuses it
+    with a message that names fold_tables. fold_tables=false keeps the adds."""
+    layer = OneLayer(32, 24, 8, "conv")
+    torch.manual_seed(0)
+    step = ptq4dm.DiffusionStep(layer.eval(), ptq4dm.make_sampler("ddim", num_inference_steps=6)).eval()
+    graph = ptq4dm.capture_step(step, batch=batch, dynamic_batch=batch > 1)
+    res = ptq4dm.quantize(step, pipeline=ptq4dm.DEFAULT_PIPELINE + ",bias_correct{groups=3}",
+                          calibration=NDTC(n=24, batch_size=24), progress=False, graph=graph)
+    assert res.graph.meta.get("bias_correct_tables")
+    fq, unfolded = copy.deepcopy(res.graph), copy.deepcopy(res.graph)
+    info = ptq4dm.lower(res.graph, backend="x86")
+    assert info["folded_tables"] >= 1, info
+    assert ptq4dm.lower(unfolded, backend="x86", fold_tables=False, weight_bits=8).get("folded_tables") is None
+    tables = set(res.graph.meta["bias_correct_tables"].values())
+
+
+    def row(a):   # a table row: view(index(table, [group]))
+        return (isinstance(a, torch.fx.Node) and a.op == "call_function" and a.args
+                and getattr(a.args[0], "target", None) is torch.ops.aten.index.Tensor
+                and getattr(a.args[0].args[0], "target", None) in tables)
+    for n in res.graph.graph.nodes:   # a table row is added to a bias, no longer to a layer's output
+        if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor and any(row(a) for a in n.args):
+            assert all(a.op == "get_attr" for a in n.args if not row(a)), n.format_node()
+    steps = _out_steps(res)
+    compiled = ptq4dm.compile_step(res.graph)
+    x, _, noise = _inputs(step, batch, 3)
+    ts = [torch.full((batch,), int(step.sampler.timesteps[i])) for i in (0, 5)]
+    if batch > 1:   # first half in the first group of steps, the rest in the last
+        ts.append(torch.cat([ts[0][: batch // 2], ts[1][batch // 2:]]))
+    for t in ts:
+        with torch.no_grad():
+            want, got, ref = fq(x, t, noise), compiled(x, t, noise), unfolded(x, t, noise)
+        for i, name in enumerate(("prev_sample", "mean")):
+            assert torch.allclose(ref[i], want[i], atol=1e-5), name
+            if has_vnni():
+                assert float((got[i] - want[i]).abs().max()) <= steps[name] * 1.01 + 1e-5, (name, t)
+    if batch > 1:
+        with pytest.raises(RuntimeError, match="fold_tables"):
+            res.graph(x, ts[-1], noise)
+
+
 def test_lower_rejects_an_unknown_backend(tiny_unet):
     step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
     res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=4, batch_size=4), progress=False)
