@@ -77,6 +77,8 @@ def test_evaluate_small_run(tmp_path, inception_file):
     int8 = data["rows"][2]   # the same graph, lowered and compiled: oneDNN int8 convs and linears on the CPU
     assert int8["lower"]["backend"] == "x86" and int8["lower"]["counts"]["qconv2d"] > 0
     assert int8["psnr_vs_fp"] > 10 and "int8 execution (x86" in md.read_text()
+    # the int8 execution is its simulation's samples, closer to them than the simulation is to FP
+    assert int8["psnr_vs_fakequant"] > data["rows"][1]["psnr_vs_fp"], int8
     import ptq4dm
     from ptq4dm.models.loading import default_model_card
     assert (data["meta"]["seed"], data["meta"]["calib_seed"]) == (0, 7)  # calibration drawn apart from the samples

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     def write_outputs(rows, final: bool) -> str:
         if not main_rank:
             return ""
-        fp_fid = rows[0]["fid"]
+        fp_fid = rows[0]["fid"] if rows[0]["config"] == "fp" else None   # a run without the fp row: no "vs FP"
         command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"world_size": distributed.world_size(), "date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             ps = "—" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
             ch = "—" if r.get("label_changed_vs_fp") is None else f"{r['label_changed_vs_fp']:.3f}"
             incep = f" {r['inception_fid']:.3f} | {r['inception_is']:.3f} |" if inception is not None else ""
-            lines.append(f"| {r['label']} | {r['fid']:.3f} | {100 * (r['fid'] - fp_fid) / fp_fid:+.1f}% | {r['sfid']:.3f} | "
+            vs = "—" if fp_fid is None else f"{100 * (r['fid'] - fp_fid) / fp_fid:+.1f}%"
+            lines.append(f"| {r['label']} | {r['fid']:.3f} | {vs} | {r['sfid']:.3f} | "
                          f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} | {ch} |" + incep)
         if not final:
             lines.append(f"\n(partial: {len(rows)} of {len(configs)} configurations so far; the run was still going or was stopped)")
@@ -442,6 +443,14 @@ def main(argv: list[str] | None = None) -> int:
             row["unconfident_by_predicted_digit"] = torch.bincount(pred[conf < 0.9], minlength=10).tolist()
             if args.doubt_grid and main_rank:
                 grid_png(doubt_rows(x, s["logits"].softmax(1), real, real_probs), Path(args.doubt_grid))
+        if int8:   # the int8 execution against the fake-quant graph it was lowered from, sample by sample
+            parent = cfg.name[: -len("-int8")]
+            row.update({"psnr_vs_fakequant": psnr(x, samples[parent]),
+                        "label_changed_vs_fakequant": float((pred != labels[parent]).float().mean()),
+                        "fid_vs_fakequant": row["fid"] - rows[-1]["fid"]})
+            if main_rank:
+                print(f"{cfg.name:<26} vs its fake-quant row: PSNR {row['psnr_vs_fakequant']:.2f} dB, digit differs "
+                      f"{row['label_changed_vs_fakequant']:.3f}, FID {row['fid_vs_fakequant']:+.3f}", flush=True)
         samples[cfg.name], labels[cfg.name] = x, pred
         shown.append(cfg)
         rows.append(row)
