@@ -214,6 +214,7 @@ class Lower:
     weight_bits: str = "auto"   # x86: auto (8 with VNNI, 7 without: see backends/x86.py), 7 or 8
     split16: bool = True        # x86: a conv / linear with a 16-bit input as two int8 ops (high / low byte)
     fold_tables: bool = True    # x86: bias_correct's per-group tables into the biases (one group of steps per batch)
+    mixed_bf16: str = "auto"    # x86: int8-mixed-bf16 (auto: on where the CPU has AVX-512 BF16 / AMX), true, false
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
@@ -240,6 +241,18 @@ class Lower:
                 from ptq4dm.backends.x86 import fold_group_tables
 
                 ctx.results["lower"]["folded_tables"] = fold_group_tables(graph)
+            mixed = str(self.mixed_bf16).lower()
+            if mixed not in ("auto", "true", "false"):
+                raise ValueError(f"lower: mixed_bf16 must be auto, true or false, got {self.mixed_bf16!r}")
+            if mixed == "auto":
+                from ptq4dm.backends.x86 import has_bf16
+
+                mixed = "true" if has_bf16() else "false"
+            ctx.results["lower"]["mixed_bf16"] = mixed == "true"
+            if mixed == "true":
+                from ptq4dm.backends.x86 import enable_mixed_bf16
+
+                enable_mixed_bf16(graph)
             return
         counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0, "requant_fused": 0}
         kept = []

@@ -24,6 +24,8 @@ def test_bench_cpu_smoke(tmp_path):
         assert "error" not in x, x
         assert {"device", "threads", "isa_flags", "torch", "torchao", "model", "batch", "config", "ms_per_step"} <= set(x)
         assert x["ms_per_step"] > 0 and x["model"] == "tiny"
+        # ours calibrated on the shipped sampler (100 steps), the chain its first --chain steps
+        assert x["sampler_steps"] == 100 and x["chain_steps"] == 2 and x["ms_sample"] > 0
         if x["config"] == "ptq4dm-w8a8":   # ours ran the x86 int8 lowering, not the float graph
             assert x["lower"]["backend"] == "x86" and x["lower"]["counts"]["qconv2d"] > 0
         if x["config"] != "fp32-eager":

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptq4dm
-from ptq4dm.backends.x86 import compiled_code, has_vnni
+from ptq4dm.backends.x86 import compiled_code, has_bf16, has_vnni
 from ptq4dm.passes import NDTC, QuantPolicy
 
 
@@ -80,7 +80,7 @@ def test_compiled_int8_graph_equals_fake_quant_within_one_output_step(kind, cin,
     w8 = copy.deepcopy(res.graph)
     info = ptq4dm.lower(w8, backend="x86", weight_bits=8)
     assert info["counts"]["qconv2d" if kind == "conv" else "qlinear"] >= 1, info
-    ptq4dm.lower(res.graph, backend="x86")   # auto weight bits: 7 on a CPU without VNNI (int16 saturation)
+    ptq4dm.lower(res.graph, backend="x86", mixed_bf16=False)   # auto weight bits: 7 without VNNI (int16 saturation)
     compiled = ptq4dm.compile_step(res.graph)
     steps = _out_steps(res)
     for b in ([batch] if batch == 1 else [batch, batch + 2]):
@@ -96,13 +96,16 @@ def test_compiled_int8_graph_equals_fake_quant_within_one_output_step(kind, cin,
                 assert float((got[i] - want[i]).abs().max()) <= tol, (name, b)
 
 
-def test_compiled_code_runs_onednn_int8_kernels(tiny_unet):
+@pytest.mark.parametrize("mixed_bf16", ["auto", False])
+def test_compiled_code_runs_onednn_int8_kernels(tiny_unet, mixed_bf16):
     """Fails when Inductor silently falls back to float: the generated code must call oneDNN's
-    int8 conv and linear, as many as the lowering rewrote."""
+    int8 conv and linear, as many as the lowering rewrote, with int8-mixed-bf16 (the default
+    where the CPU has bf16 instructions) and without."""
     step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
     res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8, batch_size=8), progress=False)
-    info = ptq4dm.lower(res.graph)          # the CPU's default backend
+    info = ptq4dm.lower(res.graph, mixed_bf16=mixed_bf16)          # the CPU's default backend
     assert info["backend"] == "x86"
+    assert info["mixed_bf16"] == (has_bf16() if mixed_bf16 == "auto" else False)
     code = compiled_code(ptq4dm.compile_step(res.graph), *_inputs(step, 2, 0))
     assert code.count("onednn.qconv") >= info["counts"]["qconv2d"] > 0
     assert code.count("onednn.qlinear") >= info["counts"]["qlinear"] > 0
@@ -125,7 +128,7 @@ def test_a_16_bit_input_runs_as_two_int8_convs_with_the_simulated_values(batch):
     fq, kept = copy.deepcopy(res.graph), copy.deepcopy(res.graph)
     off = ptq4dm.lower(kept, backend="x86", split16=False)
     assert off["counts"]["split16"] == 0 and any("16 bits" in why for _, why in off["kept"])
-    info = ptq4dm.lower(res.graph, backend="x86", weight_bits=8)
+    info = ptq4dm.lower(res.graph, backend="x86", weight_bits=8, mixed_bf16=False)
     assert info["counts"]["split16"] == 1 and info["counts"]["qconv2d"] == 2, info
     x, t, noise = _inputs(step, batch, 1)
     with torch.no_grad():
@@ -171,7 +174,7 @@ def test_bias_correct_tables_fold_into_the_biases(batch):
                           calibration=NDTC(n=24, batch_size=24), progress=False, graph=graph)
     assert res.graph.meta.get("bias_correct_tables")
     fq, unfolded = copy.deepcopy(res.graph), copy.deepcopy(res.graph)
-    info = ptq4dm.lower(res.graph, backend="x86")
+    info = ptq4dm.lower(res.graph, backend="x86", mixed_bf16=False)
     assert info["folded_tables"] >= 1, info
     assert ptq4dm.lower(unfolded, backend="x86", fold_tables=False, weight_bits=8).get("folded_tables") is None
     tables = set(res.graph.meta["bias_correct_tables"].values())
@@ -200,6 +203,34 @@ def test_bias_correct_tables_fold_into_the_biases(batch):
     if batch > 1:
         with pytest.raises(RuntimeError, match="fold_tables"):
             res.graph(x, ts[-1], noise)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_int8_mixed_bf16_keeps_int8_kernels_and_stays_near_the_fake_quant_graph(batch):
+    """lower{mixed_bf16=true}: the graph runs under bf16 autocast, the int8 conv still runs in
+    oneDNN (now writing bf16), the step's outputs come back in fp32, and they differ from the
+    fake-quant graph only by bf16 rounding: a few units of bf16's precision (2^-8) of the output's
+    scale, far less than one 8-bit activation step."""
+    layer = OneLayer(32, 24, 8, "conv")
+    step, res = _quantized(layer, batch)
+    fq = copy.deepcopy(res.graph)
+    info = ptq4dm.lower(res.graph, backend="x86", mixed_bf16=True)
+    assert info["mixed_bf16"] is True and info["counts"]["qconv2d"] == 1, info
+    assert not any(n.target is torch.ops.aten._assert_tensor_metadata.default for n in res.graph.graph.nodes)
+    compiled = ptq4dm.compile_step(res.graph)
+    x, t, noise = _inputs(step, batch, 2)
+    with torch.no_grad():
+        want, got = fq(x, t, noise), compiled(x, t, noise)
+    for i, name in enumerate(("prev_sample", "mean")):
+        assert got[i].dtype == torch.float32, name
+        err = (got[i] - want[i]).abs()
+        scale = want[i].abs().max()
+        assert float(err.max()) <= 4 * 2**-8 * float(scale), (name, float(err.max()), float(scale))
+        assert float(err.pow(2).mean().sqrt()) <= 2**-8 * float(scale), name
+    code = compiled_code(compiled, x, t, noise)
+    assert code.count("onednn.qconv") >= 1 and "bfloat16" in code
+    with pytest.raises(ValueError, match="mixed_bf16 must be auto, true or false"):
+        ptq4dm.lower(copy.deepcopy(fq), backend="x86", mixed_bf16="maybe")
 
 
 def test_lower_rejects_an_unknown_backend(tiny_unet):

@@ -156,7 +156,7 @@ def build(config: str, step, batch: int, dev, calib_n: int, compile_mode: str | 
                               pipeline=BENCH_PIPELINE)
         info = ptq4dm.lower(res.graph)
         build.last_lower = {"backend": info["backend"], "counts": info["counts"], "kept": len(info["kept"]),
-                            **({"weight_bits": info["weight_bits"]} if "weight_bits" in info else {})}
+                            **{k: info[k] for k in ("weight_bits", "mixed_bf16", "folded_tables") if k in info}}
         if dev.type == "cuda":
             return torch.compile(res.graph.gm, mode=compile_mode), torch.float32, torch.contiguous_format
         return ptq4dm.compile_step(res.graph), torch.float32, torch.contiguous_format
@@ -200,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=10, help="timed calls per config per round")
     p.add_argument("--rounds", type=int, default=5,
                    help="rounds over all configs, interleaved; a config's time is the median of its round medians")
-    p.add_argument("--chain", type=int, default=10, help="sampling steps for the end-to-end time (0: skip)")
+    p.add_argument("--chain", type=int, default=10, help="sampling steps for the end-to-end time, the sampler's "
+                   "first ones (0: skip)")
+    p.add_argument("--sampler-steps", type=int, default=100,
+                   help="the DDPM sampler's steps: what ours is calibrated and bias-corrected on (the shipped setting)")
     p.add_argument("--calib-n", type=int, default=8, help="calibration samples for ours (speed does not depend on them)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-json", default=None)
@@ -227,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batches: comma-separated integers, or MODEL=B,B;MODEL=B,B naming every model ({e})")
     if min(min(v) for v in batches_of.values()) < 1:
         p.error("--batches must be >= 1")
+    if args.sampler_steps < 1 or args.chain < 0:
+        p.error(f"--sampler-steps must be >= 1 and --chain >= 0 (got {args.sampler_steps}, {args.chain})")
 
     import ptq4dm
 
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         unet = (ptq4dm.load_default_unet() if model == "default" else ptq4dm.build_unet(model)).eval()
         sampler = ptq4dm.make_sampler("ddpm", variance_type="learned_range" if unet.config.out_channels == 2 * unet.config.in_channels else "fixed_small",
-                                      num_inference_steps=max(args.chain, 1))
+                                      num_inference_steps=args.sampler_steps)
         step = ptq4dm.DiffusionStep(unet, sampler).eval()
         extras["weights"][model] = weight_bytes(step, args.calib_n)
         for batch in batches:
@@ -260,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"device": dev_name, "model": model, "batch": batch, "config": config,
                        "threads": torch.get_num_threads(), **({"isa_flags": isa["flags"]} if isa else {}),
                        "torch": torch.__version__, "torchao": ao_version, "date": datetime.date.today().isoformat(),
+                       "sampler_steps": args.sampler_steps,
                        "compile_mode": (args.compile_mode or "default") if "compile" in config or config == "ptq4dm-w8a8" else None}
                 records.append(rec)
                 try:
@@ -306,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                         if args.chain:
                             def chain(x0, fn=fn, noise=noise, dtype=dtype):
                                 xc = x0
-                                for tv in sampler.timesteps.tolist():
+                                for tv in sampler.timesteps.tolist()[:args.chain]:
                                     xc = fn(xc, torch.full((batch,), tv, device=dev), noise)[0].to(dtype)
                                 return xc
                             rec["ms_sample"] = time_fn(chain, (x,), dev, 1, max(1, args.iters // 5))
-                            rec["chain_steps"] = sampler.S
+                            rec["chain_steps"] = min(args.chain, sampler.S)
                         if args.profile and batch == max(batches) and c in ("bf16-compile", "bf16-eager", "ptq4dm-w8a8"):
                             extras["profile"][f"{model}/{c}/b{batch}"] = profile_ops(fn, (x, t, noise), dev)
                 except Exception as e:

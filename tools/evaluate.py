@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             info = ptq4dm.lower(res.graph)
             fn = ptq4dm.compile_step(res.graph)
             cfg = dataclasses.replace(cfg, name=cfg.name + "-int8", label=cfg.label + f" — int8 execution ({info['backend']}"
-                                      + (f", weights at {info['weight_bits']} bits" if info.get("weight_bits", 8) != 8 else "") + ")")
+                                      + (f", weights at {info['weight_bits']} bits" if info.get("weight_bits", 8) != 8 else "")
+                                      + (", int8-mixed-bf16" if info.get("mixed_bf16") else "") + ")")
             with torch.no_grad():
                 x = draw(fn, cfg.name)
             qinfo = {"lower": {k: v for k, v in info.items() if k != "kept"}, "kept_in_float": len(info["kept"])}

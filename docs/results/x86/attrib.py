@@ -1,5 +1,6 @@
 """(docs/results/x86/attrib.py) Which part of the shipped pipeline costs time in the compiled int8 step? Interleaved timing,
-one run: ours (recommended-fast) and variants with one feature removed, pt2e and bf16 anchors."""
+one run: ours (recommended-fast) and variants with one feature removed or a lower option set
+(``full:split16=false``, ``full:mixed_bf16=false``), pt2e and bf16 anchors."""
 import sys, copy, json, time, statistics, argparse, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "tools"))
 import ptq4dm, bench
@@ -8,12 +9,12 @@ ap = argparse.ArgumentParser()
 ap.add_argument("model"); ap.add_argument("batch", type=int)
 ap.add_argument("--variants", default="full,no-bc,no-widen,paper,pt2e,bf16")
 ap.add_argument("--rounds", type=int, default=5); ap.add_argument("--iters", type=int, default=5)
-ap.add_argument("--calib-n", type=int, default=32); ap.add_argument("--out", default=None)
+ap.add_argument("--calib-n", type=int, default=32); ap.add_argument("--steps", type=int, default=100); ap.add_argument("--out", default=None)
 a = ap.parse_args()
 torch.set_num_threads(2)
 torch.manual_seed(0)
 unet = (ptq4dm.load_default_unet() if a.model == "default" else ptq4dm.build_unet(a.model)).eval()
-sampler = ptq4dm.make_sampler("ddpm", variance_type="learned_range" if unet.config.out_channels == 2 * unet.config.in_channels else "fixed_small", num_inference_steps=100)
+sampler = ptq4dm.make_sampler("ddpm", variance_type="learned_range" if unet.config.out_channels == 2 * unet.config.in_channels else "fixed_small", num_inference_steps=a.steps)
 step = ptq4dm.DiffusionStep(unet, sampler).eval()
 POL = QuantPolicy(output_bits=16, keep_first_last_fp=True, time_path_fp=True)
 PIPES = {"full": PAPER_PIPELINE + ",sensitivity{widen=4,weights=false},bias_correct{groups=10}",
@@ -40,23 +41,12 @@ for v in a.variants.split(","):
             graph = ptq4dm.capture_step(m, batch=max(b, 2) if b > 1 else 1, dynamic_batch=b > 1)
             res = ptq4dm.quantize(m, calibration=NDTC(n=a.calib_n, batch_size=a.calib_n), progress=False, graph=graph,
                                   pipeline=PIPES[base], policy=POL)
-            amp = "amp" in extra; extra = [e for e in extra if e != "amp"]
-            opts = dict(kv.split("=") for kv in extra)
+            opts = dict(kv.split("=") for kv in extra)   # lower options, e.g. full:mixed_bf16=false
             opts = {k: (v2 == "true") if v2 in ("true", "false") else int(v2) for k, v2 in opts.items()}
             info = ptq4dm.lower(res.graph, **opts)
-            print(v, info["counts"], "kept", len(info["kept"]), flush=True)
-            if amp:
-                gg = res.graph.graph
-                for nd in list(gg.nodes):
-                    if nd.op == "call_function" and nd.target is torch.ops.aten._assert_tensor_metadata.default:
-                        gg.erase_node(nd)
-                res.graph.gm.recompile()
-                cs = ptq4dm.compile_step(res.graph)
-                def fn(*a, cs=cs):
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        return cs(*a)
-            else:
-                fn = ptq4dm.compile_step(res.graph)
+            print(v, info["counts"], "kept", len(info["kept"]), "folded", info.get("folded_tables"),
+                  "mixed_bf16", info.get("mixed_bf16"), flush=True)
+            fn = ptq4dm.compile_step(res.graph)
             dt, fmt = torch.float32, torch.contiguous_format
         args = (x.to(dt).contiguous(memory_format=fmt), t, noise.to(dt).contiguous(memory_format=fmt))
         fn(*args)
