@@ -162,7 +162,7 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
     u8 x s8 products saturate (255 * 127 * 2 > 32767, measured: up to 30% of an output's range):
     the 8-bit weight codes are requantized to [-64, 63] with twice the scale, so that
     255 * 64 * 2 <= 32767 and the int8 products are exact again (the graph then computes W7A8,
-    not the simulated W8A8: reported, and measured in docs/results.md)."""
+    not the simulated W8A8: reported, and measured in docs/results/details.md, "Lowering")."""
     if weight_bits == "auto":
         weight_bits = 8 if has_vnni() else 7
     if weight_bits not in (7, 8):

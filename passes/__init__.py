@@ -33,7 +33,7 @@ DEFAULT_PIPELINE = "decompose_attention,mark,observe,calibrate,solve,fakequant" 
 PAPER_PIPELINE = DEFAULT_PIPELINE
 RECOMMENDED_PIPELINE = PAPER_PIPELINE + ",sensitivity{widen=4,weights=false},reconstruct,bias_correct{groups=10}"
 # the recommended pipeline of 2026-12-03 (before reconstruct joined it): ~2 minutes less to quantize the
-# default model on 2 cores, further from FP on deterministic samplers (docs/results.md, "DDIM")
+# default model on 2 cores, further from FP on deterministic samplers (docs/results/history.md, "DDIM: where the W8A8 error comes from")
 RECOMMENDED_FAST_PIPELINE = PAPER_PIPELINE + ",sensitivity{widen=4,weights=false},bias_correct{groups=10}"
 
 # Named pipelines for ``ptq4dm.quantize(pipeline=...)``: the passes and the policy they are meant with

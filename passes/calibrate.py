@@ -131,7 +131,7 @@ class CalibrationSet:
             yield self.x[i:i + size], self.t[i:i + size]
 
 
-MIN_SAMPLES_PER_GROUP = 10   # below this, per-group ranges were measured to lose (docs/results.md)
+MIN_SAMPLES_PER_GROUP = 10   # below this, per-group ranges were measured to lose (docs/results/history.md)
 
 
 def group_table(sampler, groups: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ chain a pixel moves by less than half an 8-bit step between two steps, so roundi
 returns the same code again and again: the error is a bias that the chain integrates, not noise
 that averages out. Measured on the default model, DDIM-50, everything in float except x_{t-1} at
 8 bits: 24.0 dB PSNR vs FP with one range, 23.3 dB with one range per step, 26.9 / 28.9 dB with
-stochastic rounding; with this pass 36.5 / 43.6 dB (docs/results.md, "8-bit x_{t-1} on DDIM").
+stochastic rounding; with this pass 36.5 / 43.6 dB (docs/results/details.md, "8-bit x_{t-1} on DDIM").
 
 Error feedback (sigma-delta modulation; the issue's "carry the residual into the next step"):
 the rounding residual r of step i is added to the value step i + 1 rounds, so the sum of the
@@ -23,7 +23,7 @@ What stays 8-bit and what does not, plainly: x_{t-1} leaves the step as 8-bit co
 step's UNet reads); the residual is sampler state beside it, ``residual_bits`` per element
 (0: float32; b > 0: 2^b levels (k + 1/2) s / 2^b, symmetric about zero: a grid with a level at 0
 and an uneven count of levels either side biases every step by a fraction of s, which the chain
-integrates; measured, docs/results.md). With b = 2, 10 bits of state per element in all.
+integrates; measured, docs/results/details.md). With b = 2, 10 bits of state per element in all.
 
 The residual belongs to one chain: it is applied only when the x_t handed to the step is exactly
 the x_{t-1} the step returned last (same shape and values: the sampling loop passes it back

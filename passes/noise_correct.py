@@ -18,7 +18,7 @@ quantized graph's output on the FP UNet's output on the same (x_t, t) of the cal
 ``y_q = (1 + k) y + c`` (``1 + k = cov(y_q, y) / var(y)``, clamped to [0.5, 2]), inverted:
 ``y' = (y_q - c) / (1 + k)``, so that ``E[y' | y] = y``. (The other regression, y on y_q, is
 the least-squares estimate of each step's y but shrinks it towards its mean, a drift that a
-deterministic chain accumulates: measured worse on DDIM-50, docs/results.md.) Groups with fewer than
+deterministic chain accumulates: measured worse on DDIM-50, docs/results/history.md.) Groups with fewer than
 ``min_samples`` calibration samples keep the identity. Cost at run time: one fused
 multiply-add on the UNet's output.
 """

@@ -17,7 +17,7 @@ the step's quantization error". This is the per-layer sensitivity of HAWQ and of
 analysis, measured on the output that the sampler carries to the next step.
 
 ``widen`` is a mixed-precision policy on activations: a deterministic sampler (DDIM, eta 0)
-keeps every rounding of x_t, and a few activations carry most of it (docs/results.md, "DDIM").
+keeps every rounding of x_t, and a few activations carry most of it (docs/results/history.md, "DDIM: where the W8A8 error comes from").
 A widened activation is 16-bit over its full observed range (min-max; at 16 bits clipping
 buys nothing); the layer that reads it is lowered on x86 as two int8 ops, on the 16-bit codes'
 high and low byte (``lower{split16=true}``), and stays in float on triton (``lower`` reports it).

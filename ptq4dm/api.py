@@ -160,7 +160,7 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
     four activations that cost x_{t-1} the most at 8 bits get 16) + ``reconstruct`` (each weight's
     rounding learned against its layer's float output, AdaRound) + ``bias_correct{groups=10}``, with conv_in /
     conv_out and the time-embedding path in float and mean / variance / x_{t-1} at 16 bits unless ``policy`` says otherwise
-    (why: docs/results.md, "DDIM"). "recommended-fast": the same without ``reconstruct`` (about two
+    (why: docs/results/history.md, "DDIM: where the W8A8 error comes from"). "recommended-fast": the same without ``reconstruct`` (about two
     minutes less on the default model at 2 threads; further from FP on DDIM). "ptq4dm-paper": the paper's full setting
     (``decompose_attention,mark,observe,calibrate,solve,fakequant``, everything at 8 bits). A
     pass list runs with ``policy`` or the paper's ``QuantPolicy()``."""

@@ -122,7 +122,7 @@ CONFIGS = [
     Config("ptq4dm-w8a8-fp-outputs", "W8A8 PTQ4DM, mean/variance/x_{t-1} in FP", quantize_outputs=False),
     Config("ptq4dm-w8a8-fp-outputs-fl", "W8A8 PTQ4DM, outputs + conv_in/out FP", quantize_outputs=False,
            keep_first_last=True),
-    # ablations: where W8A8 PTQ4DM's distance from FP comes from (docs/results.md, "Where W8A8 PTQ4DM's distance from FP comes from")
+    # ablations: where W8A8 PTQ4DM's distance from FP comes from (docs/results/history.md, "Where W8A8 PTQ4DM's distance from FP comes from")
     Config("ptq4dm-w8a16", "W8A16 PTQ4DM (weights' share)", act_bits=16, attn_bits=16, output_bits=16),
     Config("ptq4dm-w16a8", "W16A8 PTQ4DM (activations' share)", weight_bits=16),
     Config("ptq4dm-w8a8-attn-fp", "W8A8 PTQ4DM, attention matmuls in FP", quantize_attention=False),

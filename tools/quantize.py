@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pipeline", default="recommended", choices=["recommended", "recommended-fast", "ptq4dm-paper"],
                    help="recommended (default): the paper's passes + sensitivity{widen=4,weights=false} + reconstruct + "
                         "bias_correct{groups=10}, conv_in / conv_out and the time embedding in float, mean / variance / "
-                        "x_{t-1} at 16 bits (docs/results.md, DDIM); recommended-fast: the same without reconstruct "
+                        "x_{t-1} at 16 bits (docs/results/history.md, 'DDIM: where the W8A8 error comes from'); recommended-fast: the same without reconstruct "
                         "(~2 minutes less on the default model, further from FP on DDIM); ptq4dm-paper: the "
                         "paper's full setting, all at 8 bits")
     q.add_argument("--output-bits", type=int, default=None,

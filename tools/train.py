@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="only time K training steps of --arch (after 3 warm-up) and print s/step; writes nothing")
     d.add_argument("--autocast", choices=sorted(AUTOCAST), default="fp32",
                    help="bf16: mixed-precision forward/backward (weights, AdamW, EMA stay float32); "
-                        "2.2x faster for mnist-wide on the 2-core AMX CPU here (docs/results.md)")
+                        "2.2x faster for mnist-wide on the 2-core AMX CPU here (docs/results/history.md)")
     d.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="uniform",
                    help="weighting of the epsilon MSE over timesteps: uniform (DDPM), min-snr-5 or p2 "
                         "(see loss_weight); recorded in the card, a resumed run must keep it")

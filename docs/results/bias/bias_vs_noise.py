@@ -1,6 +1,6 @@
 """Bias vs noise in each config's per-step error (teacher forced), plus free-running final-sample statistics.
 
-    python docs/results/bias/bias_vs_noise.py WEIGHTS|default N   (a diagnostic record: docs/results.md, "Bias correction")
+    python docs/results/bias/bias_vs_noise.py WEIGHTS|default N   (a diagnostic record: docs/results/history.md, "Bias correction: the cosine model's shift is a mean shift")
 """
 import copy, sys
 from pathlib import Path

@@ -1,5 +1,5 @@
 """Which tensors carry the W8A8 error on DDIM, and what removes it (a diagnostic record for
-docs/results.md, "DDIM"). Each variant: NDTC(n=256, seed=--calib-seed) calibration, its policy /
+docs/results/history.md, "DDIM: where the W8A8 error comes from"). Each variant: NDTC(n=256, seed=--calib-seed) calibration, its policy /
 solver / pipeline suffix, N samples from the same seeds as FP (batch i of 250 uses seed + i); one
 JSON row per variant appended to --out: FID (MNIST classifier) and its change vs FP, PSNR vs FP,
 the share of samples whose digit changes, seconds.

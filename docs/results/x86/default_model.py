@@ -1,7 +1,7 @@
 """The default model, W8A8 + bias_correct{groups=10}, lowered to x86 and compiled, against the
 fake-quant graph (mean output, batch 64, three timesteps), beside the fake-quant graph compiled in
 float (float rounding alone), then with 7-bit weights against its own eager q/dq graph.
-(docs/results.md, "Lowering"; the auto weight bits of the CPU it runs on)
+(docs/results/details.md, "Lowering"; the auto weight bits of the CPU it runs on)
 
     python docs/results/x86/default_model.py [8 | 7]     # weight bits (default: auto)
 """

@@ -1,6 +1,6 @@
 """oneDNN int8 conv on a CPU without VNNI: u8 x s8 pairs summed in int16 saturate. One 3x3 conv,
 full-range codes, compiled (Inductor, freezing) vs the same q/dq graph run eagerly in float;
-prints C_in, max |difference|, max |output|, their ratio. (docs/results.md, "Lowering")
+prints C_in, max |difference|, max |output|, their ratio. (docs/results/details.md, "Lowering")
 
     python docs/results/x86/saturation.py
 """
