@@ -44,8 +44,8 @@ group). A linear over tokens ((B, L, C), attention's q / k / v / out) runs on it
 
 int8-mixed-bf16 (``enable_mixed_bf16``, ``lower{mixed_bf16=auto}``: on where the CPU has bf16
 instructions): ``CompiledStep`` runs the graph under bf16 autocast; the int8 kernels then write
-bf16 and the float work between them moves half the bytes (measured faster at every batch tried,
-docs/results.md, Speed), at the price of bf16 rounding against the fake-quant graph.
+bf16 and the float work between them moves half the bytes (measured 1.05-1.28x faster from batch 8
+up, inside the noise at batch 1: docs/results.md, Speed), at the price of bf16 rounding against the fake-quant graph.
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def enable_mixed_bf16(graph) -> int:
     it), so that Inductor's int8-mixed-bf16 rewrites apply: the oneDNN int8 convs / linears write
     bf16, and the float work between them (GroupNorm, SiLU, adds, the attention matmuls and
     softmax, the fake-quant pointwise ops) reads and writes bf16: half the memory traffic. Measured
-    1.04-1.30x over the fp32-output int8 graph (docs/results.md, Speed). The layers the policy keeps
+    1.05-1.28x over the fp32-output int8 graph from batch 8 up (docs/results.md, Speed). The layers the policy keeps
     in float (conv_in / conv_out, the time-embedding path) then run in bf16 too, as under
     bf16-compile; the step's outputs are returned in the inputs' dtype. Not exact against the
     fake-quant graph (bf16 carries 8 significant bits): its quality is measured, not assumed

@@ -229,6 +229,9 @@ class Lower:
             raise ValueError("lower: this graph has error_feedback, whose residual is Python-side chain state that "
                              "neither backend compiles; lower the graph without it (drop error_feedback from the "
                              "pipeline) or sample the fake-quant graph")
+        mixed = str(self.mixed_bf16).lower()   # checked before the graph is touched
+        if mixed not in ("auto", "true", "false"):
+            raise ValueError(f"lower: mixed_bf16 must be auto, true or false, got {self.mixed_bf16!r}")
         graph.meta["lowered_backend"] = backend
         split = split_cat_convs(graph, qparams)
         if backend == "x86":
@@ -241,9 +244,6 @@ class Lower:
                 from ptq4dm.backends.x86 import fold_group_tables
 
                 ctx.results["lower"]["folded_tables"] = fold_group_tables(graph)
-            mixed = str(self.mixed_bf16).lower()
-            if mixed not in ("auto", "true", "false"):
-                raise ValueError(f"lower: mixed_bf16 must be auto, true or false, got {self.mixed_bf16!r}")
             if mixed == "auto":
                 from ptq4dm.backends.x86 import has_bf16
 

@@ -229,8 +229,11 @@ def test_int8_mixed_bf16_keeps_int8_kernels_and_stays_near_the_fake_quant_graph(
         assert float(err.pow(2).mean().sqrt()) <= 2**-8 * float(scale), name
     code = compiled_code(compiled, x, t, noise)
     assert code.count("onednn.qconv") >= 1 and "bfloat16" in code
+    bad = copy.deepcopy(fq)
     with pytest.raises(ValueError, match="mixed_bf16 must be auto, true or false"):
-        ptq4dm.lower(copy.deepcopy(fq), backend="x86", mixed_bf16="maybe")
+        ptq4dm.lower(bad, backend="x86", mixed_bf16="maybe")
+    assert "lowered_backend" not in bad.meta   # refused before the graph was touched
+    assert not any(n.op == "get_attr" and str(n.target).startswith("ptq4dm_x86w") for n in bad.graph.nodes)
 
 
 def test_lower_rejects_an_unknown_backend(tiny_unet):
