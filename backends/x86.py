@@ -45,7 +45,14 @@ group). A linear over tokens ((B, L, C), attention's q / k / v / out) runs on it
 int8-mixed-bf16 (``enable_mixed_bf16``, ``lower{mixed_bf16=auto}``: on where the CPU has bf16
 instructions): ``CompiledStep`` runs the graph under bf16 autocast; the int8 kernels then write
 bf16 and the float work between them moves half the bytes (measured 1.05-1.28x faster from batch 8
-up, inside the noise at batch 1: docs/results.md, Speed), at the price of bf16 rounding against the fake-quant graph.
+up on ddpm-cifar10 and from batch 64 on the default model), at the price of bf16 rounding against
+the fake-quant graph. A call with little work loses more to autocast's casts than it saves (1.11x
+slower on the default model at batch 1): under ``auto`` autocast is entered only for batches whose
+multiply-accumulates reach ``MIXED_BF16_MIN_MACS`` (4 GMAC: the default model from batch 22,
+ddpm-cifar10 from batch 1), a batch-aware cost rule that ``lower`` reports (``mixed_bf16_min_batch``).
+
+``CompiledStep`` compiles with Inductor's C++ wrapper (``cpp_wrapper``): the ~100 kernel calls of a
+step are made from C++, not Python, which a small model's small batches feel (docs/results.md, Speed).
 """
 
 from __future__ import annotations
@@ -378,9 +385,30 @@ def has_bf16() -> bool:
 
 
 AUTOCAST = "ptq4dm_autocast"   # gm.meta key: the dtype CompiledStep runs the graph under autocast with
+AUTOCAST_MIN_BATCH = "ptq4dm_autocast_min_batch"   # gm.meta key: ... from this batch size up (below: fp32 output)
+# int8-mixed-bf16 pays where a call has enough work for halved memory traffic to beat autocast's casts
+# (the bf16 copies of the float layers' weights and inputs, the outputs cast back): below about 4 GMAC
+# per call it costs time. Measured interleaved on a 2-core Intel Xeon with AMX, 2026-12-05
+# (docs/results.md, "When int8-mixed-bf16 pays"): the default model (0.19 GMAC per sample) at batch
+# 1 / 4 / 16: mixed 1.11x / 1.13x slower, even; at batch 64 (12 GMAC) 1.11x faster; ddpm-cifar10
+# (6.1 GMAC per sample) at batch 1: 1.06x faster. On the AMD EPYC of 2026-12-04 (AVX-512 BF16, no
+# AMX) the same pattern: inside the noise at the default model's batch 1, faster from 64.
+MIXED_BF16_MIN_MACS = 4e9
 
 
-def enable_mixed_bf16(graph) -> int:
+def step_macs_per_sample(graph) -> float:
+    """Multiply-accumulates per sample of one step graph's convs, linears and matmuls, counted by
+    ``torch.utils.flop_counter`` on one run of the graph at its example inputs (before lowering:
+    the counter knows aten's ops, not oneDNN's)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, noise = graph.example_inputs
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        graph.gm(x, t, noise)
+    return counter.get_total_flops() / 2 / max(1, x.shape[0])
+
+
+def enable_mixed_bf16(graph, min_batch: int = 1) -> int:
     """int8-mixed-bf16: the lowered graph runs under CPU autocast to bf16 (``CompiledStep`` enters
     it), so that Inductor's int8-mixed-bf16 rewrites apply: the oneDNN int8 convs / linears write
     bf16, and the float work between them (GroupNorm, SiLU, adds, the attention matmuls and
@@ -390,8 +418,10 @@ def enable_mixed_bf16(graph) -> int:
     bf16-compile; the step's outputs are returned in the inputs' dtype. Not exact against the
     fake-quant graph (bf16 carries 8 significant bits): its quality is measured, not assumed
     (docs/results.md, the int8 row). Removes the exported graph's dtype assertions
-    (``_assert_tensor_metadata``: they assert the fp32 the graph was captured in). Returns their
-    number."""
+    (``_assert_tensor_metadata``: they assert the fp32 the graph was captured in). Autocast is
+    entered for batches of ``min_batch`` and more (``CompiledStep`` reads each call's batch size;
+    smaller batches run the same graph with fp32 outputs: ``MIXED_BF16_MIN_MACS``). Returns the
+    number of assertions removed."""
     g, gm = graph.graph, graph.gm
     removed = 0
     for n in list(g.nodes):
@@ -400,31 +430,39 @@ def enable_mixed_bf16(graph) -> int:
             removed += 1
     gm.recompile()
     gm.meta[AUTOCAST] = torch.bfloat16
+    gm.meta[AUTOCAST_MIN_BATCH] = int(min_batch)
     return removed
 
 
 class CompiledStep(torch.nn.Module):
     """A lowered x86 step graph compiled by Inductor with freezing (the int8 rewrites only run on a
-    frozen graph) and called under ``torch.no_grad()`` (freezing needs inference)."""
+    frozen graph) and called under ``torch.no_grad()`` (freezing needs inference). With
+    ``cpp_wrapper`` (the default) Inductor writes the code that calls the kernels in C++ rather than
+    Python: a step of a small model is ~100 kernel calls whose Python dispatch sets its time at
+    small batches (measured in docs/results.md, Speed); the first call compiles a few seconds longer."""
 
-    def __init__(self, gm: fx.GraphModule, dynamic: bool | None = None):
+    def __init__(self, gm: fx.GraphModule, dynamic: bool | None = None, cpp_wrapper: bool = True):
         super().__init__()
         register_inductor_patterns()
         self.gm = gm
+        self.cpp_wrapper = bool(cpp_wrapper)
         self._fn = torch.compile(gm, dynamic=dynamic)
+
+    def _config(self):
+        # freezing set globally while compiling: torch.compile(options={"freezing": True}) is not
+        # read everywhere (linears then keep an unfolded qlinear_prepack and fail to compile)
+        return torch._inductor.config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper)
 
     def _call(self, x, t, noise):
         dtype = self.gm.meta.get(AUTOCAST)
-        if dtype is None:
+        if dtype is None or x.shape[0] < self.gm.meta.get(AUTOCAST_MIN_BATCH, 1):
             return self._fn(x, t, noise)
         with torch.autocast("cpu", dtype=dtype):   # enable_mixed_bf16
             out = self._fn(x, t, noise)
         return tuple(o.to(x.dtype) if o.is_floating_point() else o for o in out)
 
     def forward(self, x, t, noise):
-        # freezing set globally while compiling: torch.compile(options={"freezing": True}) is not
-        # read everywhere (linears then keep an unfolded qlinear_prepack and fail to compile)
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        with torch.no_grad(), self._config():
             table = self.gm.meta.get("ptq4dm_group_of_t")
             if table is None or t.numel() <= 1:
                 return self._call(x, t, noise)
@@ -447,12 +485,24 @@ class CompiledStep(torch.nn.Module):
             return tuple(outs)
 
 
+def int8_kernel_calls(code: str) -> dict:
+    """How many oneDNN int8 conv / linear calls the code from ``compiled_code`` makes: the Python
+    wrapper calls ``torch.ops.onednn.qconv_pointwise``, the C++ wrapper
+    ``aoti_torch_cpu__qconv_pointwise_tensor`` (and likewise for qlinear). Zero means Inductor fell
+    back to float."""
+    import re
+
+    return {op: len(re.findall(rf"onednn\.{op}_pointwise|aoti_torch_cpu__{op}_pointwise", code))
+            for op in ("qconv", "qlinear")}
+
+
 def compiled_code(step: CompiledStep, *args) -> str:
-    """The Python source Inductor generated for ``step`` on ``args`` (a fresh compile): where a
-    test or a user checks that the int8 kernels were used (``onednn.qconv`` / ``onednn.qlinear``)."""
+    """The source Inductor generated for ``step`` on ``args`` (a fresh compile; Python, with the C++
+    wrapper's source inside it when ``cpp_wrapper``): where a test or a user checks that the int8
+    kernels were used (``int8_kernel_calls``)."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+    with torch.no_grad(), step._config():
         _, code = run_and_get_code(step._call, *args)
     return "\n".join(code)

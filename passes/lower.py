@@ -27,6 +27,8 @@ float graph rounds.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -214,7 +216,7 @@ class Lower:
     weight_bits: str = "auto"   # x86: auto (8 with VNNI, 7 without: see backends/x86.py), 7 or 8
     split16: bool = True        # x86: a conv / linear with a 16-bit input as two int8 ops (high / low byte)
     fold_tables: bool = True    # x86: bias_correct's per-group tables into the biases (one group of steps per batch)
-    mixed_bf16: str = "auto"    # x86: int8-mixed-bf16 (auto: on where the CPU has AVX-512 BF16 / AMX), true, false
+    mixed_bf16: str = "auto"    # x86: int8-mixed-bf16 (auto: where the CPU has AVX-512 BF16 / AMX, for calls of >= 4 GMAC), true, false
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         g, gm = graph.graph, graph.gm
@@ -233,6 +235,11 @@ class Lower:
         if mixed not in ("auto", "true", "false"):
             raise ValueError(f"lower: mixed_bf16 must be auto, true or false, got {self.mixed_bf16!r}")
         graph.meta["lowered_backend"] = backend
+        macs = None
+        if backend == "x86" and mixed == "auto":
+            from ptq4dm.backends.x86 import step_macs_per_sample
+
+            macs = step_macs_per_sample(graph)   # counted on the float ops, before they are rewritten
         split = split_cat_convs(graph, qparams)
         if backend == "x86":
             from ptq4dm.backends.x86 import lower_x86
@@ -244,15 +251,20 @@ class Lower:
                 from ptq4dm.backends.x86 import fold_group_tables
 
                 ctx.results["lower"]["folded_tables"] = fold_group_tables(graph)
+            min_batch = 1
             if mixed == "auto":
-                from ptq4dm.backends.x86 import has_bf16
+                from ptq4dm.backends.x86 import MIXED_BF16_MIN_MACS, has_bf16
 
                 mixed = "true" if has_bf16() else "false"
+                # a batch-aware cost rule: autocast only where a call has the work to repay its casts
+                min_batch = max(1, math.ceil(MIXED_BF16_MIN_MACS / max(macs, 1.0)))
+                ctx.results["lower"]["macs_per_sample"] = macs
             ctx.results["lower"]["mixed_bf16"] = mixed == "true"
             if mixed == "true":
                 from ptq4dm.backends.x86 import enable_mixed_bf16
 
-                enable_mixed_bf16(graph)
+                enable_mixed_bf16(graph, min_batch)
+                ctx.results["lower"]["mixed_bf16_min_batch"] = min_batch
             return
         counts = {"qconv2d": 0, "qlinear": 0, "qmatmul": 0, "residual_fused": 0, "requant_fused": 0}
         kept = []

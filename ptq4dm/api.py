@@ -205,13 +205,14 @@ def lower(graph: StepGraph, backend: str = "auto", progress: bool = False, **opt
     return ctx.results["lower"]
 
 
-def compile_step(graph: StepGraph, dynamic: bool | None = None):
+def compile_step(graph: StepGraph, dynamic: bool | None = None, cpp_wrapper: bool = True):
     """A fast callable (x, t, noise) -> outputs for a lowered (or fake-quant / FP) step graph. On
     the CPU: Inductor with freezing (weights become constants; the x86 backend's int8 rewrites
-    need it, and float convs get prepacked weights too). On CUDA: plain ``torch.compile``. The
-    first call compiles (seconds to minutes)."""
+    need it, and float convs get prepacked weights too), with the kernel calls in a C++ wrapper
+    (``cpp_wrapper``: less Python per kernel; set False to read the generated code as Python). On
+    CUDA: plain ``torch.compile``. The first call compiles (seconds to minutes)."""
     if not graph.example_inputs[0].is_cuda:
         from ptq4dm.backends.x86 import CompiledStep
 
-        return CompiledStep(graph.gm, dynamic=dynamic)
+        return CompiledStep(graph.gm, dynamic=dynamic, cpp_wrapper=cpp_wrapper)
     return torch.compile(graph.gm, dynamic=dynamic)

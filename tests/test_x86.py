@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptq4dm
-from ptq4dm.backends.x86 import compiled_code, has_bf16, has_vnni
+from ptq4dm.backends.x86 import compiled_code, has_bf16, has_vnni, int8_kernel_calls
 from ptq4dm.passes import NDTC, QuantPolicy
 
 
@@ -106,9 +106,10 @@ def test_compiled_code_runs_onednn_int8_kernels(tiny_unet, mixed_bf16):
     info = ptq4dm.lower(res.graph, mixed_bf16=mixed_bf16)          # the CPU's default backend
     assert info["backend"] == "x86"
     assert info["mixed_bf16"] == (has_bf16() if mixed_bf16 == "auto" else False)
-    code = compiled_code(ptq4dm.compile_step(res.graph), *_inputs(step, 2, 0))
-    assert code.count("onednn.qconv") >= info["counts"]["qconv2d"] > 0
-    assert code.count("onednn.qlinear") >= info["counts"]["qlinear"] > 0
+    for cpp_wrapper in (True, False):   # the kernel calls in C++ (the default) or in Python
+        calls = int8_kernel_calls(compiled_code(ptq4dm.compile_step(res.graph, cpp_wrapper=cpp_wrapper), *_inputs(step, 2, 0)))
+        assert calls["qconv"] >= info["counts"]["qconv2d"] > 0, (cpp_wrapper, calls)
+        assert calls["qlinear"] >= info["counts"]["qlinear"] > 0, (cpp_wrapper, calls)
     assert all(reason for _, reason in info["kept"])
 
 
@@ -142,7 +143,7 @@ def test_a_16_bit_input_runs_as_two_int8_convs_with_the_simulated_values(batch):
             got = compiled(x, t, noise)
         for i, name in enumerate(("prev_sample", "mean")):
             assert float((got[i] - want[i]).abs().max()) <= steps[name] * 1.01 + 1e-5, name
-        assert compiled_code(compiled, x, t, noise).count("onednn.qconv") >= 2
+        assert int8_kernel_calls(compiled_code(compiled, x, t, noise))["qconv"] >= 2
 
 
 def test_a_linear_over_tokens_runs_as_one_oneDNN_int8_linear():
@@ -153,9 +154,9 @@ def test_a_linear_over_tokens_runs_as_one_oneDNN_int8_linear():
     step, res = _quantized(layer, 3)
     info = ptq4dm.lower(res.graph, backend="x86")
     assert info["counts"]["qlinear"] == 1, info
-    compiled = ptq4dm.compile_step(res.graph)
-    code = compiled_code(compiled, *_inputs(step, 3, 0))
-    assert code.count("onednn.qlinear") >= 1 and "extern_kernels.bmm" not in code
+    assert int8_kernel_calls(compiled_code(ptq4dm.compile_step(res.graph), *_inputs(step, 3, 0)))["qlinear"] >= 1
+    code = compiled_code(ptq4dm.compile_step(res.graph, cpp_wrapper=False), *_inputs(step, 3, 0))
+    assert int8_kernel_calls(code)["qlinear"] >= 1 and "extern_kernels.bmm" not in code
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -228,12 +229,41 @@ def test_int8_mixed_bf16_keeps_int8_kernels_and_stays_near_the_fake_quant_graph(
         assert float(err.max()) <= 4 * 2**-8 * float(scale), (name, float(err.max()), float(scale))
         assert float(err.pow(2).mean().sqrt()) <= 2**-8 * float(scale), name
     code = compiled_code(compiled, x, t, noise)
-    assert code.count("onednn.qconv") >= 1 and "bfloat16" in code
+    assert int8_kernel_calls(code)["qconv"] >= 1 and "bfloat16" in code
     bad = copy.deepcopy(fq)
     with pytest.raises(ValueError, match="mixed_bf16 must be auto, true or false"):
         ptq4dm.lower(bad, backend="x86", mixed_bf16="maybe")
     assert "lowered_backend" not in bad.meta   # refused before the graph was touched
     assert not any(n.op == "get_attr" and str(n.target).startswith("ptq4dm_x86w") for n in bad.graph.nodes)
+
+
+def test_mixed_bf16_auto_enters_autocast_only_for_calls_with_the_work_to_repay_it(monkeypatch):
+    """lower{mixed_bf16=auto} counts the step's multiply-accumulates per sample (the conv's
+    9 * 32 * 24 and the 1x1's 24 * 32 per pixel of the 8x8 sample: 491,520) and sets the smallest
+    batch that reaches MIXED_BF16_MIN_MACS; CompiledStep runs smaller batches without autocast,
+    within one output step of the fake-quant graph, and larger ones in bf16."""
+    import ptq4dm.backends.x86 as x86
+
+    if not has_bf16():
+        pytest.skip("needs AVX-512 BF16 or AMX (mixed_bf16=auto is off without them)")
+    macs = 8 * 8 * (9 * 32 * 24 + 24 * 32)
+    monkeypatch.setattr(x86, "MIXED_BF16_MIN_MACS", 2 * macs)   # batch 2 and up run mixed
+    layer = OneLayer(32, 24, 8, "conv")
+    step, res = _quantized(layer, 3)
+    fq = copy.deepcopy(res.graph)
+    info = ptq4dm.lower(res.graph, backend="x86", weight_bits=8)
+    assert info["macs_per_sample"] == macs and info["mixed_bf16"] is True and info["mixed_bf16_min_batch"] == 2, info
+    compiled = ptq4dm.compile_step(res.graph)
+    steps = _out_steps(res)
+    x, t, noise = _inputs(step, 3, 4)
+    t = torch.full_like(t, int(t[0]))
+    with torch.no_grad():
+        want, one = fq(x[:1], t[:1], noise[:1]), compiled(x[:1], t[:1], noise[:1])
+    for i, name in enumerate(("prev_sample", "mean")):
+        if has_vnni():
+            assert float((one[i] - want[i]).abs().max()) <= steps[name] * 1.01 + 1e-5, name
+    assert "bfloat16" not in compiled_code(compiled, x[:1], t[:1], noise[:1])
+    assert "bfloat16" in compiled_code(compiled, x, t, noise)
 
 
 def test_lower_rejects_an_unknown_backend(tiny_unet):

@@ -7,7 +7,8 @@
     python tools/bench.py --models ddpm-cifar10,default --batches "ddpm-cifar10=1,8,32;default=1,64,256" --device cpu
 
 Configs (each times the whole step, UNet + sampler): fp32-eager (the paper's baseline),
-fp32-compile, bf16-eager, bf16-compile (torch.compile, channels-last), torchao-int8dyn-compile
+fp32-compile, bf16-eager, bf16-compile (torch.compile, channels-last), bf16-compile-cpp (the same
+with Inductor's C++ wrapper, which ours uses on the CPU: the float anchor with equal dispatch), torchao-int8dyn-compile
 (torchao Int8DynamicActivationInt8WeightConfig + compile), pt2e-x86-int8 (the CPU anchor:
 torchao's X86InductorQuantizer + prepare_pt2e / convert_pt2e on the UNet, calibrated on the same
 NDTC set, compiled), ptq4dm-w8a8 (ours: ``ptq4dm.quantize`` with the recommended pipeline less
@@ -18,7 +19,7 @@ compiled config is compiled with Inductor's freezing (weights as constants: what
 rewrites need, and fair to the float ones). Model ``default`` is the shipped MNIST UNet.
 Records: JSON list with device (the CPU model and its ISA flags on the CPU), threads, torch /
 torchao versions, model, batch, config, ms_per_step (median), ms_sample (end-to-end, --chain
-steps), speedups vs fp32-eager, fp32-compile, bf16-compile and pt2e-x86-int8 of the same run;
+steps), speedups vs fp32-eager, fp32-compile, bf16-compile, bf16-compile-cpp and pt2e-x86-int8 of the same run;
 timing is interleaved: every config of a (model, batch) is built first, then ``--rounds`` rounds
 time each in turn (``--iters`` calls, the order rotating), and a config's time is the median of its
 round medians, with the rounds kept (``ms_rounds``) to show the noise;
@@ -43,23 +44,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, atomic_write_json, atomic_write_text  # noqa: E402
 
-CONFIGS = ["fp32-eager", "fp32-compile", "bf16-eager", "bf16-compile", "torchao-int8dyn-compile", "pt2e-x86-int8",
-           "ptq4dm-w8a8"]
+CONFIGS = ["fp32-eager", "fp32-compile", "bf16-eager", "bf16-compile", "bf16-compile-cpp", "torchao-int8dyn-compile",
+           "pt2e-x86-int8", "ptq4dm-w8a8"]
 DEFAULT_CONFIGS = {"cuda": ["fp32-eager", "bf16-eager", "bf16-compile", "torchao-int8dyn-compile", "ptq4dm-w8a8"],
-                   "cpu": ["fp32-eager", "fp32-compile", "bf16-compile", "pt2e-x86-int8", "ptq4dm-w8a8"]}
+                   "cpu": ["fp32-eager", "fp32-compile", "bf16-compile", "bf16-compile-cpp", "pt2e-x86-int8", "ptq4dm-w8a8"]}
 # ours as timed: the recommended pipeline without reconstruct (the same graph and grids; other weight codes)
 BENCH_PIPELINE = "recommended-fast"
-RATIO_TO = ("fp32-eager", "fp32-compile", "bf16-compile", "pt2e-x86-int8")
+RATIO_TO = ("fp32-eager", "fp32-compile", "bf16-compile", "bf16-compile-cpp", "pt2e-x86-int8")
 
 
-def _compile(m, dev, mode=None):
-    """torch.compile; on the CPU with Inductor's freezing and under no_grad, set while it compiles."""
+def _compile(m, dev, mode=None, cpp_wrapper=False):
+    """torch.compile; on the CPU with Inductor's freezing and under no_grad, set while it compiles
+    (and with Inductor's C++ wrapper where asked: the kernel calls in C++ rather than Python)."""
     fn = torch.compile(m, mode=mode)
     if dev.type != "cpu":
         return fn
 
     def run(*args):
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True, cpp_wrapper=cpp_wrapper):
             return fn(*args)
     return run
 
@@ -135,12 +137,13 @@ def build(config: str, step, batch: int, dev, calib_n: int, compile_mode: str | 
         return _compile(copy.deepcopy(step).to(dev), dev, compile_mode), torch.float32, torch.contiguous_format
     if config == "pt2e-x86-int8":
         return build_pt2e(step, batch, dev, calib_n), torch.float32, torch.contiguous_format
-    if config in ("bf16-eager", "bf16-compile"):
+    if config in ("bf16-eager", "bf16-compile", "bf16-compile-cpp"):
         m = copy.deepcopy(step).to(dev)
         m.unet.to(torch.bfloat16)
-        if config == "bf16-compile":
+        if config != "bf16-eager":
             m.unet.to(memory_format=torch.channels_last)
-            return _compile(m, dev, compile_mode), torch.bfloat16, torch.channels_last
+            return (_compile(m, dev, compile_mode, cpp_wrapper=config == "bf16-compile-cpp"), torch.bfloat16,
+                    torch.channels_last)
         return m, torch.bfloat16, torch.contiguous_format
     if config == "torchao-int8dyn-compile":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -156,7 +159,8 @@ def build(config: str, step, batch: int, dev, calib_n: int, compile_mode: str | 
                               pipeline=BENCH_PIPELINE)
         info = ptq4dm.lower(res.graph)
         build.last_lower = {"backend": info["backend"], "counts": info["counts"], "kept": len(info["kept"]),
-                            **{k: info[k] for k in ("weight_bits", "mixed_bf16", "folded_tables") if k in info}}
+                            **{k: info[k] for k in ("weight_bits", "mixed_bf16", "mixed_bf16_min_batch", "folded_tables")
+                               if k in info}}
         if dev.type == "cuda":
             return torch.compile(res.graph.gm, mode=compile_mode), torch.float32, torch.contiguous_format
         return ptq4dm.compile_step(res.graph), torch.float32, torch.contiguous_format
@@ -344,15 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     isa_s = f", ISA {' '.join(isa['flags'])}" if isa else ""
     lines = [f"Device {dev_name}{isa_s}, torch {torch.__version__}, torchao {ao_version}, "
              f"{datetime.date.today().isoformat()}. Command: `{command}`", "",
-             "| model | batch | config | ms / step | ms / sample chain | vs fp32 eager | vs fp32 compile | vs bf16 compile | vs pt2e int8 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | config | ms / step | ms / sample chain | vs fp32 eager | vs fp32 compile | vs bf16 compile "
+             "| vs bf16 compile (C++ wrapper) | vs pt2e int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(r, ref):
         v = r.get(f"speedup_vs_{ref.replace('-', '_')}")
         return f"{v:.2f}x" if v else "—"
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['ms_per_step']:.3f} | "
                      f"{r.get('ms_sample', float('nan')):.1f} | " + " | ".join(ratio(r, ref) for ref in RATIO_TO) + " |")
