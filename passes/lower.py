@@ -237,9 +237,10 @@ class Lower:
         graph.meta["lowered_backend"] = backend
         macs = None
         if backend == "x86" and mixed == "auto":
-            from ptq4dm.backends.x86 import step_macs_per_sample
+            from ptq4dm.backends.x86 import has_bf16, step_macs_per_sample
 
-            macs = step_macs_per_sample(graph)   # counted on the float ops, before they are rewritten
+            if has_bf16():   # counted on the float ops, before they are rewritten
+                macs = step_macs_per_sample(graph)
         split = split_cat_convs(graph, qparams)
         if backend == "x86":
             from ptq4dm.backends.x86 import lower_x86
@@ -256,9 +257,10 @@ class Lower:
                 from ptq4dm.backends.x86 import MIXED_BF16_MIN_MACS, has_bf16
 
                 mixed = "true" if has_bf16() else "false"
-                # a batch-aware cost rule: autocast only where a call has the work to repay its casts
-                min_batch = max(1, math.ceil(MIXED_BF16_MIN_MACS / max(macs, 1.0)))
-                ctx.results["lower"]["macs_per_sample"] = macs
+                if macs is not None:
+                    # a batch-aware cost rule: autocast only where a call has the work to repay its casts
+                    min_batch = max(1, math.ceil(MIXED_BF16_MIN_MACS / max(macs, 1.0)))
+                    ctx.results["lower"]["macs_per_sample"] = macs
             ctx.results["lower"]["mixed_bf16"] = mixed == "true"
             if mixed == "true":
                 from ptq4dm.backends.x86 import enable_mixed_bf16
