@@ -36,7 +36,7 @@ import torch
 from torch import fx
 
 from ptq4dm.ir.graph import StepGraph
-from ptq4dm.ir.quant import _expand
+from ptq4dm.ir.quant import QParams, _expand
 
 from .base import PassContext, register_pass
 from .bias_correct import FLOAT_WEIGHT, _attr, calibration_before_bias_correct
@@ -141,15 +141,22 @@ class Reconstruct:
     beta_end: float = 2.0     # ... to this
     min_bits: int = 0       # only weights of at most this many bits (0: all quantized weights)
     blocks: bool = False    # BRECQ: the layers of one block (BLOCK_TYPES) against the block's output
+    scales: bool = False    # also learn each weight's per-channel scale (codes and scale together; layer-wise only)
+    scale_lr: float = 3e-4  # Adam's step on the log of the scale factor (screened: 1e-4 ~ 3e-4 > 1e-3 > 5e-3)
+    network: int = 0        # then this many Adam steps of every rounding together against the UNet's output (0: off)
+    network_lr: float = 1e-2  # Adam's step on V in the network phase (it starts from the layer-wise codes)
+    network_reg: float = 0.01  # the network phase's regulariser, on the mean over weights (its loss: the output's MSE)
     seed: int = 0
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         cs = calibration_before_bias_correct(graph, ctx, "reconstruct", "the corrected bias is fitted to the "
                                              "final weights")
-        if self.iters < 1 or self.batch_size < 1 or self.n < 0 or not 0 <= self.warmup < 1 or self.lr <= 0:
-            raise ValueError(f"reconstruct: iters and batch_size must be >= 1, n >= 0, warmup in [0, 1) and lr > 0; "
-                             f"got iters={self.iters}, batch_size={self.batch_size}, n={self.n}, "
-                             f"warmup={self.warmup}, lr={self.lr}")
+        if (self.iters < 0 or (self.iters == 0 and self.network < 1) or self.network < 0 or self.batch_size < 1
+                or self.n < 0 or not 0 <= self.warmup < 1 or self.lr <= 0 or self.network_lr <= 0):
+            raise ValueError(f"reconstruct: iters must be >= 1 (or 0 with network >= 1), network >= 0, batch_size >= 1, "
+                             f"n >= 0, warmup in [0, 1) and lr, network_lr > 0; got iters={self.iters}, "
+                             f"network={self.network}, batch_size={self.batch_size}, n={self.n}, warmup={self.warmup}, "
+                             f"lr={self.lr}, network_lr={self.network_lr}")
         gm, qparams = graph.gm, graph.meta["qparams"]
         acts = {n for n in graph.graph.nodes if n.op == "call_function" and n.target is FQ and QTENSOR in n.meta}
         wq = [n for n in graph.graph.nodes if n.op == "get_attr" and FLOAT_WEIGHT in n.meta]
@@ -195,7 +202,7 @@ class Reconstruct:
 
             it = tqdm(units, desc="reconstruct", unit="block" if self.blocks else "layer", leave=False)
         rows = []
-        for block, lws in it:
+        for block, lws in (it if self.iters else []):
             if block is None:
                 (layer, w), = lws
                 with torch.no_grad():
@@ -204,26 +211,39 @@ class Reconstruct:
                 x = torch.cat([a[0].float() for a in args])
                 # bias and the conv's stride / padding / ...: the same for every chunk (the bias learns nothing)
                 rest = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[0][2:]]
-                row = self._layer(gm, w, qparams[w.meta[QTENSOR].key], floats[w], layer.target, x, rest, target, gen)
+                key = w.meta[QTENSOR].key
+                row = self._layer(gm, w, qparams[key], floats[w], layer.target, x, rest, target, gen)
+                if "scale" in row:   # the learned scale: the codes in the buffer are on its grid
+                    qp = qparams[key]
+                    qparams[key] = QParams(row.pop("scale"), qp.zero_point, qp.qmin, qp.qmax, qp.axis, qp.groups)
                 row["layer"] = layer.name
             else:
                 row = self._block(gm, graph, block, lws, qparams, floats, acts, probe, data, gen)
             rows.append(row)
             if ctx.progress:
                 it.set_postfix(layer=row["layer"], gain=f"{row['error_before'] / max(row['error_after'], 1e-30):.2f}x")
-        ctx.results["reconstruct"] = {"layers": rows, "iters": self.iters, "batch_size": self.batch_size,
-                                      "n": int(idx.numel()), "blocks": self.blocks,
-                                      "error_before": sum(r["error_before"] for r in rows),
-                                      "error_after": sum(r["error_after"] for r in rows)}
+        result = {"layers": rows, "iters": self.iters, "batch_size": self.batch_size,
+                  "n": int(idx.numel()), "blocks": self.blocks,
+                  "error_before": sum(r["error_before"] for r in rows),
+                  "error_after": sum(r["error_after"] for r in rows)}
+        if self.network:
+            result["network"] = self._network(gm, graph, layers, qparams, floats, acts, probe, data, gen, ctx.progress)
+        ctx.results["reconstruct"] = result
 
-    def _regulariser(self, i: int, roundings) -> torch.Tensor | float:
-        """AdaRound's rounding regulariser at step i: none during the warm-up, then ``reg`` x
-        sum(1 - |2h - 1|^beta) with beta annealed linearly from ``beta_start`` to ``beta_end``."""
-        warm = int(self.warmup * self.iters)
+    def _regulariser(self, i: int, roundings, iters: int | None = None) -> torch.Tensor | float:
+        """AdaRound's rounding regulariser at step i of ``iters`` (default: ``self.iters``): none during
+        the warm-up, then ``reg`` x sum(1 - |2h - 1|^beta) with beta annealed linearly from ``beta_start``
+        to ``beta_end``. The network phase (``iters`` given): ``network_reg`` x the mean over its weights."""
+        network = iters is not None
+        iters = self.iters if iters is None else iters
+        warm = int(self.warmup * iters)
         if i < warm:
             return 0.0
-        beta = self.beta_end + (self.beta_start - self.beta_end) * (1 - (i - warm) / max(self.iters - warm, 1))
-        return self.reg * sum(r.reg(beta) for r in roundings)
+        beta = self.beta_end + (self.beta_start - self.beta_end) * (1 - (i - warm) / max(iters - warm, 1))
+        total = sum(r.reg(beta) for r in roundings)
+        if network:
+            return self.network_reg * total / sum(r.v.numel() for r in roundings)
+        return self.reg * total
 
     def _units(self, graph: StepGraph, layers: list) -> list:
         """Layers grouped by the block (BLOCK_TYPES) they were traced in, in graph order; a layer in
@@ -312,8 +332,94 @@ class Reconstruct:
         return {"layer": path, "layers": [l.name for l, _ in lws], "error_before": before,
                 "error_after": min(after, before), "moved": moved, "kept_nearest": keep}
 
+    def _network(self, gm, graph, layers, qparams, floats, acts, probe, data, gen, progress) -> dict:
+        """Every rounding together against the float UNet's output (the prediction the sampler reads),
+        the whole UNet in a small interpreter with soft weights and straight-through activation
+        quantizers. Starts from the codes the layer-wise phase left (h(V) = 0.25 / 0.75 towards them) and
+        keeps its codes only if the UNet's output error on the calibration samples falls."""
+        from .noise_correct import unet_output_node
+
+        out = unet_output_node(graph)
+        need, stack = set(), [out]
+        while stack:   # the nodes the UNet's output depends on
+            n = stack.pop()
+            if n not in need:
+                need.add(n)
+                stack.extend(n.all_input_nodes)
+        body = [n for n in graph.graph.nodes if n in need]
+        places = [n for n in graph.graph.nodes if n.op == "placeholder"]
+        weights = list(dict.fromkeys(w for _, w in layers))
+        with torch.no_grad():
+            ys = [probe.probe(out, False, *d).float() for d in data]
+        consts = {n: _attr(gm, str(n.target)).detach() for n in body if n.op == "get_attr" and n not in weights}
+        current = {w: _attr(gm, str(w.target)).detach().float() for w in weights}
+        rnd = {w: _Rounding(floats[w], qparams[w.meta[QTENSOR].key], towards=current[w]) for w in weights}
+
+        def run(inputs, wts: dict, ste: bool) -> torch.Tensor:
+            env = dict(zip(places, inputs))
+            look = lambda a: env[a]
+            for n in body:
+                if n.op == "placeholder":
+                    continue
+                if n.op == "get_attr":
+                    env[n] = wts[n] if n in wts else consts[n]
+                    continue
+                args = fx.node.map_arg(n.args, look)
+                kwargs = fx.node.map_arg(n.kwargs, look)
+                if n in acts and ste:
+                    x = args[0]
+                    env[n] = x + (n.target(*args, **kwargs) - x).detach()
+                else:
+                    env[n] = n.target(*args, **kwargs)
+            return env[out]
+
+        def error(wts: dict) -> float:
+            num = den = 0.0
+            with torch.no_grad():
+                for d, y in zip(data, ys):
+                    num += float((run(d, wts, False).float() - y).pow(2).sum())
+                    den += float(y.pow(2).sum())
+            return num / max(den, 1e-30)
+
+        before = error(current)
+        xs = [torch.cat([d[k] for d in data]) for k in range(3)]
+        y_all = torch.cat(ys)
+        dynamic = graph.dynamic_batch
+        opt = torch.optim.Adam([r.v for r in rnd.values()], lr=self.network_lr)
+        steps, losses = range(self.network), []
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="reconstruct (network)", unit="step", leave=False)
+        for i in steps:
+            if dynamic:
+                sel = torch.randint(0, y_all.shape[0], (min(self.batch_size, y_all.shape[0]),), generator=gen)
+                inputs, y = [x[sel] for x in xs], y_all[sel]
+            else:
+                c = int(torch.randint(0, len(data), (1,), generator=gen))
+                inputs, y = data[c], ys[c]
+            pred = run(inputs, {w: r.weight() for w, r in rnd.items()}, True)
+            mse = (pred.float() - y).pow(2).mean()
+            loss = mse + self._regulariser(i, rnd.values(), self.network)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(mse.detach()))
+        with torch.no_grad():
+            hard = {w: r.hard() for w, r in rnd.items()}
+        after = error(hard)
+        keep = after > before
+        final = current if keep else hard
+        moved = sum(int((final[w] != current[w]).sum()) for w in weights) / sum(current[w].numel() for w in weights)
+        for w in weights:
+            buf = _attr(gm, str(w.target))
+            buf.copy_(final[w].to(buf.dtype))
+        tenth = max(len(losses) // 10, 1)
+        return {"iters": self.network, "error_before": before, "error_after": min(after, before), "moved": moved,
+                "kept_layerwise": keep, "mse_first": sum(losses[:tenth]) / tenth, "mse_last": sum(losses[-tenth:]) / tenth}
+
     def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen) -> dict:
-        r = _Rounding(w_fp, qp)
+        r = _Rounding(w_fp, qp, learn_scale=self.scales)
 
         def out_error(wt) -> float:
             with torch.no_grad():
@@ -322,7 +428,8 @@ class Reconstruct:
 
         w_rtn = _attr(gm, str(w_node.target)).detach().float()
         before = out_error(w_rtn)
-        opt = torch.optim.Adam([r.v], lr=self.lr)
+        opt = torch.optim.Adam([{"params": [r.v], "lr": self.lr}]
+                               + ([{"params": [r.g], "lr": self.scale_lr}] if self.scales else []))
         ch = 1 if op is aten.conv2d.default else -1   # output channels: summed, as BRECQ's loss does
         for i in range(self.iters):
             sel = torch.randint(0, x.shape[0], (min(self.batch_size, x.shape[0]),), generator=gen)
@@ -339,26 +446,37 @@ class Reconstruct:
         moved = float((w_new != w_rtn).float().mean())
         buf = _attr(gm, str(w_node.target))
         buf.copy_(w_new.to(buf.dtype))
-        return {"error_before": before, "error_after": min(after, before), "moved": moved,
-                "kept_nearest": after > before}
+        row = {"error_before": before, "error_after": min(after, before), "moved": moved, "kept_nearest": after > before}
+        if self.scales and after <= before:
+            row["scale"] = r.scale().detach().reshape(qp.scale.shape).to(qp.scale.dtype)
+        return row
 
 
 class _Rounding:
     """One weight's learned rounding: ``floor(w / s) + h(v)`` on its grid, ``v`` initialised so
     that ``h(v)`` is the fractional part (the soft weight starts at the float weight)."""
 
-    def __init__(self, w_fp: torch.Tensor, qp):
+    def __init__(self, w_fp: torch.Tensor, qp, towards: torch.Tensor | None = None, learn_scale: bool = False):
         w = w_fp.detach().float()
         self.qp = qp
         self.s = _expand(qp.scale.detach().float(), w, qp.axis)
+        # learn_scale: a per-channel factor exp(g) on the scale, learned with the rounding (the codes
+        # floor(w / s) + h stay on the solved scale's grid; the weight is code x the learned scale)
+        self.g = torch.zeros_like(self.s).requires_grad_(True) if learn_scale else None
         self.z = _expand(qp.zero_point.detach().float(), w, qp.axis)
         self.floor = torch.floor(w / self.s)
         frac = (w / self.s - self.floor).clamp(1e-4, 1 - 1e-4)
+        if towards is not None:   # halfway from the float weight's fraction towards given codes (up: 0.75, down: 0.25)
+            up = torch.round(towards / self.s) >= self.floor + 1
+            frac = torch.where(up, torch.full_like(frac, 0.75), torch.full_like(frac, 0.25))
         self.v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).requires_grad_(True)
+
+    def scale(self) -> torch.Tensor:
+        return self.s if self.g is None else self.s * torch.exp(self.g)
 
     def weight(self, h: torch.Tensor | None = None) -> torch.Tensor:
         h = _h(self.v) if h is None else h
-        return (torch.clamp(self.floor + h + self.z, self.qp.qmin, self.qp.qmax) - self.z) * self.s
+        return (torch.clamp(self.floor + h + self.z, self.qp.qmin, self.qp.qmax) - self.z) * self.scale()
 
     def hard(self) -> torch.Tensor:
         return self.weight((self.v >= 0).float())

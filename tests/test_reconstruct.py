@@ -143,3 +143,47 @@ def test_reconstruct_after_a_mixed_bit_budget(pair):
         nearest = fake_quant(w_fp.float(), qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis)
         if bits[key] == 8:
             assert torch.equal(w, nearest.to(w.dtype)), key
+
+
+def test_learned_scales_keep_the_codes_on_the_new_grid_and_lower_the_error(pair, tmp_path):
+    """scales=true: each weight's per-channel scale is learned with its rounding. The qparams the
+    artifact and ``lower`` read are the learned ones, the weights are codes on that grid (within
+    the bits), the scale moved, and the layer and step errors drop at least as far as with the
+    rounding alone."""
+    step, rtn, rec = pair
+    pipe = DEFAULT_PIPELINE + ",reconstruct{iters=30,batch_size=16,n=24,scales=true,scale_lr=0.01}"
+    sc = ptq4dm.quantize(step, pipeline=pipe, calibration=NDTC(n=32), policy=W4, progress=False)
+    rc = sc.report.reconstruct
+    assert all(r["error_after"] <= r["error_before"] for r in rc["layers"])
+    assert rc["error_after"] < 0.9 * rc["error_before"]
+    rtn_w, moved = _weights(rtn), 0
+    for key, (w, _, qp) in _weights(sc).items():
+        assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+        moved += int((qp.scale != rtn_w[key][2].scale).sum())
+    assert moved > 0
+    assert _x_err(sc, step) < 0.9 * _x_err(rtn, step)
+    from ptq4dm import artifact   # the artifact stores the learned scales with the codes: the same graph back
+
+    artifact.save(sc, step, tmp_path / "sc.ptq4dm.safetensors")
+    graph, _, _ = artifact.load(tmp_path / "sc.ptq4dm.safetensors")
+    x = torch.randn(step.sample_shape(4), generator=torch.Generator().manual_seed(2))
+    t = step.sampler.timesteps[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x, t, torch.zeros_like(x))[0], sc.graph(x, t, torch.zeros_like(x))[0],
+                                   rtol=0, atol=1e-5)
+
+
+def test_network_phase_learns_every_rounding_against_the_unet_output(pair):
+    """network=N: after the layer-wise phase, all roundings together against the float UNet's output;
+    the output error it reports never rises (it keeps the layer-wise codes if it would), the codes
+    stay on the grid, and a wrong option is named."""
+    step, rtn, _ = pair
+    pipe = DEFAULT_PIPELINE + ",reconstruct{iters=10,batch_size=8,n=24,network=20,network_lr=0.05,network_reg=0.01}"
+    net = ptq4dm.quantize(step, pipeline=pipe, calibration=NDTC(n=32), policy=W4, progress=False)
+    ph = net.report.reconstruct["network"]
+    assert ph["iters"] == 20 and ph["error_after"] <= ph["error_before"] and 0 <= ph["moved"] <= 1
+    for key, (w, _, qp) in _weights(net).items():
+        assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+    with pytest.raises(ValueError, match="network"):
+        ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{network=-1}", calibration=NDTC(n=16),
+                        progress=False)

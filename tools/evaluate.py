@@ -103,6 +103,15 @@ CONFIGS = [
     Config("mixed5-reconstruct", "W4/8 mixed, <= 5 bits per weight + reconstruct, A8 recommended", preset="recommended",
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
                   "reconstruct,bias_correct{groups=10}"),
+    # ... with each weight's per-channel scale learned with its rounding (reconstruct{scales=true})
+    Config("w4a8-reconstruct-scales", "W4A8 recommended preset + reconstruct, rounding and scales learned",
+           preset="recommended", weight_bits=4,
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
+                  "reconstruct{scales=true},bias_correct{groups=10}"),
+    Config("mixed5-reconstruct-scales", "W4/8 mixed, <= 5 bits per weight + reconstruct (rounding and scales), A8 "
+           "recommended", preset="recommended",
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+                  "reconstruct{scales=true},bias_correct{groups=10}"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),

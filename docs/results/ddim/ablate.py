@@ -66,6 +66,24 @@ CFG = {
                ",sensitivity{widen=4,weights=false},reconstruct" + BC, "mse"),
  "rec-w4-recon1k": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
                     ",sensitivity{widen=4,weights=false},reconstruct{iters=1000}" + BC, "mse"),
+ # ... + every rounding together against the UNet's output after the layer-wise phase (reconstruct{network=...})
+ "rec-w4-net1k": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false},reconstruct{network=1000}" + BC, "mse"),
+ "rec-w4-net1k-r3": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false},reconstruct{network=1000,network_reg=0.001}" + BC, "mse"),
+ "rec-w4-net1k-r1": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false},reconstruct{network=1000,network_reg=1}" + BC, "mse"),
+ "rec-w4-net1k-r01": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false},reconstruct{network=1000,network_reg=0.1}" + BC, "mse"),
+ "rec-w4-net1k-lr3": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                  ",sensitivity{widen=4,weights=false},reconstruct{network=1000,network_lr=0.003}" + BC, "mse"),
+ # ... with each weight's per-channel scale learned with its rounding (reconstruct{scales=true})
+ "rec-w4-recon-s": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                    ",sensitivity{widen=4,weights=false},reconstruct{scales=true}" + BC, "mse"),
+ "rec-mix5-recon-s": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                      ",sensitivity{widen=4,budget=5},reconstruct{scales=true}" + BC, "mse"),
+ "rec-recon-s": (dict(output_bits=16, keep_first_last_fp=True, time_path_fp=True),
+                 ",sensitivity{widen=4,weights=false},reconstruct{scales=true}" + BC, "mse"),
  "rec-w4-brecq": (dict(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True),
                   ",sensitivity{widen=4,weights=false},reconstruct{blocks=true}" + BC, "mse"),
  # mixed weight precision: 4 bits, the weights that cost the most back at 8, <= 5 bits per weight on average
@@ -126,6 +144,8 @@ for c in a.cfgs:
                           cache_dir=REPO / ".cache/calibration")
     with torch.no_grad(): x = draw(res.graph)
     s = classifier_stats(net, x); fid = frechet_distance(s["feat"], rs["feat"])
+    net_ = (res.report.reconstruct or {}).get("network")
+    if net_: print("network phase", {k: v for k, v in net_.items()}, flush=True)
     row = dict(cfg=c, tag=tag, calib_seed=cseed, fid=fid, fid_fp=fid_fp, rel=100 * (fid - fid_fp) / fid_fp, psnr=psnr(x, xf),
                changed=float((s["logits"].argmax(1) != pf).float().mean()), sec=time.time() - t0)
     print(json.dumps(row), flush=True)
