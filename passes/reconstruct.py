@@ -157,6 +157,9 @@ class Reconstruct:
                              f"n >= 0, warmup in [0, 1) and lr, network_lr > 0; got iters={self.iters}, "
                              f"network={self.network}, batch_size={self.batch_size}, n={self.n}, warmup={self.warmup}, "
                              f"lr={self.lr}, network_lr={self.network_lr}")
+        if self.scales and (self.blocks or self.scale_lr <= 0):
+            raise ValueError(f"reconstruct: scales=true learns each scale layer by layer with scale_lr > 0; got "
+                             f"blocks={self.blocks}, scale_lr={self.scale_lr} (drop blocks=true or scales=true)")
         gm, qparams = graph.gm, graph.meta["qparams"]
         acts = {n for n in graph.graph.nodes if n.op == "call_function" and n.target is FQ and QTENSOR in n.meta}
         wq = [n for n in graph.graph.nodes if n.op == "get_attr" and FLOAT_WEIGHT in n.meta]

@@ -184,6 +184,9 @@ def test_network_phase_learns_every_rounding_against_the_unet_output(pair):
     assert ph["iters"] == 20 and ph["error_after"] <= ph["error_before"] and 0 <= ph["moved"] <= 1
     for key, (w, _, qp) in _weights(net).items():
         assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+    with pytest.raises(ValueError, match="blocks"):
+        ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{scales=true,blocks=true}",
+                        calibration=NDTC(n=16), progress=False)
     with pytest.raises(ValueError, match="network"):
         ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{network=-1}", calibration=NDTC(n=16),
                         progress=False)
