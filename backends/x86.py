@@ -25,7 +25,15 @@ the compiled graph computes what the fake-quant graph simulates, with exact int3
 A 16-bit input (an activation the sensitivity pass widened) is split into its codes' high and
 low byte, two uint8 tensors whose dequantized sum is the fake-quantized value exactly, and the
 conv / linear runs twice in int8 with the results added (``_split16``; ``split16=False`` keeps such
-layers in float).
+layers in float, the default on CPUs with AMX (``split16="auto"``), where one bf16 / fp32 conv on
+AMX tiles beat the two int8 ops and the byte-splitting pass; ``drop_wide=True`` lets such a float
+layer read its input unquantized, saving the fake-quant's pass, but then inputs beyond the
+calibrated 16-bit range are no longer clipped: measured 21 output steps off on a one-conv test, so
+off by default).
+
+``lower{fuse_sum=true}`` adds an Inductor post-grad pass (``_fuse_qconv_residual_sum``) that puts a
+ResNet block's residual add inside the int8 conv (oneDNN's sum post-op), which torchao's rewrite
+does only for a quantized residual; exact in fp32, measured no faster on an AMX CPU, so off.
 
 What stays in float (fake-quant, as simulated; each reported with its reason):
   * attention matmuls: oneDNN has no int8 batched matmul that Inductor lowers to; fake-quant
@@ -104,6 +112,13 @@ def cpu_isa() -> dict:
     return {"cpu": model or platform.processor() or platform.machine(), "flags": [f for f in ISA_FLAGS if f in flags]}
 
 
+def has_amx() -> bool:
+    """AMX tiles (amx_int8 / amx_bf16): float convs run on bf16 tiles, fast enough that a 16-bit
+    input's two int8 ops (split16) and their byte-splitting pass lose to one float conv (measured:
+    docs/results.md, Speed)."""
+    return bool(set(cpu_isa()["flags"]) & {"amx_int8", "amx_bf16"})
+
+
 def has_vnni() -> bool:
     """VNNI (AVX-512 VNNI, AVX-VNNI or AMX): u8 x s8 products accumulate in int32. Without it oneDNN
     adds pairs of u8 x s8 products in int16 with saturation (vpmaddubsw), wrong beyond 32767."""
@@ -161,7 +176,7 @@ def _unflatten(g: fx.Graph, out: fx.Node, tokens: list, n_out: int) -> None:
 
 
 def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bits: int | str = "auto",
-              split16: bool = True) -> dict:
+              split16: bool | str = "auto", drop_wide: bool = False) -> dict:
     """Rewrite ``graph`` (a fake-quant StepGraph) in place into PT2E's reference form. Returns
     ``{"counts": {...}, "kept": [(node, reason), ...], "weight_bits": 8 | 7}``.
 
@@ -172,6 +187,10 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
     not the simulated W8A8: reported, and measured in docs/results/details.md, "Lowering")."""
     if weight_bits == "auto":
         weight_bits = 8 if has_vnni() else 7
+    if split16 == "auto":
+        split16 = not has_amx()
+    if split16 not in (True, False):
+        raise ValueError(f"lower x86: split16 must be auto, true or false, got {split16!r}")
     if weight_bits not in (7, 8):
         raise ValueError(f"lower x86: weight_bits must be auto, 7 or 8, got {weight_bits!r}")
     from ptq4dm.ir.graph import ROLE
@@ -212,7 +231,7 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
         if axis is not None or sv is None or zv is None or sv.numel() != 1:
             reason = "input range per timestep (a runtime scale; Inductor's int8 rewrite needs a constant)"
         elif wide and not split16:
-            reason = "input quantized to 16 bits (split16=false)"
+            reason = "input quantized to 16 bits (split16=false" + (": AMX CPU)" if has_amx() else ")")
         elif (qmin, qmax) != (-128, 127) and not wide:
             reason = f"input quantized to [{qmin}, {qmax}], neither 8 nor 16 bits"
         elif wqp.qmin < -128 or wqp.qmax > 127 or wqp.axis != 0 or not bool((wqp.zero_point == 0).all()):
@@ -224,6 +243,9 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
             if k < min_k or wv.shape[0] < min_n:
                 reason = f"cost rule: {k} reduction elements x {wv.shape[0]} outputs (int8 when >= {min_k} x {min_n})"
         if reason:
+            if wide and not split16 and drop_wide and reason.startswith("input quantized to 16"):
+                n.args = (src, *n.args[1:])   # the fake-quant node goes with its last reader (dead code)
+                reason += "; runs on its unquantized input (drop_wide)"
             kept.append((n.name, reason))
             continue
         wq = quantize(wv.float(), wqp, torch.int8)
@@ -384,6 +406,7 @@ def has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+FUSE_SUM = "ptq4dm_fuse_sum"   # gm.meta key: CompiledStep fuses residual adds into the int8 convs (lower{fuse_sum})
 AUTOCAST = "ptq4dm_autocast"   # gm.meta key: the dtype CompiledStep runs the graph under autocast with
 AUTOCAST_MIN_BATCH = "ptq4dm_autocast_min_batch"   # gm.meta key: ... from this batch size up (below: fp32 output)
 # int8-mixed-bf16 pays where a call has enough work for halved memory traffic to beat autocast's casts
@@ -434,6 +457,69 @@ def enable_mixed_bf16(graph, min_batch: int = 1) -> int:
     return removed
 
 
+def _fuse_qconv_residual_sum(g: fx.Graph) -> int:
+    """Inductor post-grad pre-pass (``lower{fuse_sum=true}``): ``add(qconv(x), r)`` ->
+    ``qconv2d_pointwise.binary(x, accum=r, "sum")``, the residual added inside the oneDNN int8 conv
+    (its sum post-op, written into r's buffer) instead of by a separate pass over the conv's output.
+
+    torchao's x86 rewrite fuses that add only when r comes from a dequantize (PT2E's quantizer
+    quantizes the residual: ``_is_valid_quantized_op_binary_optimization_pattern``); PTQ4DM keeps
+    the skip path in float, so its ResNet blocks' ``input + conv2(h)`` stayed an add that Inductor
+    fused into the next GroupNorm kernel (one more read of two tensors, one more write). The
+    float accum is exact: the sum post-op adds the conv's float output to r as the add did (in the
+    output dtype: bf16 under int8-mixed-bf16, as the add was). The same safety rules as torchao's:
+    r has the conv output's shape and dtype, r is not the conv's input, and every other user of r
+    is an ancestor of the conv (r is dead once the sum overwrites it); r is not a graph input or
+    constant. Returns the number of adds fused."""
+    from torch._inductor.fx_passes.mkldnn_fusion import _get_remaining_users
+
+    qconv = {torch.ops.onednn.qconv_pointwise.default: torch.ops.onednn.qconv2d_pointwise.binary,
+             torch.ops.onednn.qconv_pointwise.tensor: torch.ops.onednn.qconv2d_pointwise.binary_tensor}
+    fused = 0
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target not in qconv or len(n.users) != 1 or n.args[14] != "none":
+            continue
+        out_dtype = n.args[13]
+        add = next(iter(n.users))
+        if (add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs
+                or out_dtype not in (torch.float32, torch.bfloat16)):
+            continue
+        other = add.args[1] if add.args[0] is n else add.args[0]
+        if not isinstance(other, fx.Node) or other is n or other.op in ("placeholder", "get_attr"):
+            continue
+        vo, vn = other.meta.get("val"), n.meta.get("val")
+        if not (isinstance(vo, torch.Tensor) and isinstance(vn, torch.Tensor)) or vo.shape != vn.shape \
+                or vo.dtype != out_dtype or vn.dtype != out_dtype:
+            continue
+        if other is n.args[0] or len(_get_remaining_users(other, n)) > 1:
+            continue
+        qx, xs, xz, w, ws, wz, bias, stride, padding, dilation, groups, o_scale, o_zp = n.args[:13]
+        with g.inserting_before(add):
+            new = g.call_function(qconv[n.target], (qx, xs, xz, w, ws, wz, other, bias, stride, padding, dilation, groups,
+                                           o_scale, o_zp, out_dtype, 1.0, 0, "sum", 1.0, "none", [], ""))
+        new.meta.update(add.meta)
+        add.replace_all_uses_with(new)
+        g.erase_node(add)
+        g.erase_node(n)
+        fused += 1
+    return fused
+
+
+def _qconv_sum_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class QConvResidualSum(CustomGraphPass):
+        fused = 0
+
+        def __call__(self, graph: fx.Graph) -> None:
+            QConvResidualSum.fused += _fuse_qconv_residual_sum(graph)
+
+        def uuid(self):
+            return "ptq4dm-qconv-residual-sum-1"
+
+    return QConvResidualSum()
+
+
 class CompiledStep(torch.nn.Module):
     """A lowered x86 step graph compiled by Inductor with freezing (the int8 rewrites only run on a
     frozen graph) and called under ``torch.no_grad()`` (freezing needs inference). With
@@ -446,12 +532,14 @@ class CompiledStep(torch.nn.Module):
         register_inductor_patterns()
         self.gm = gm
         self.cpp_wrapper = bool(cpp_wrapper)
+        self.fuse_sum = _qconv_sum_pass() if gm.meta.get(FUSE_SUM) else None   # lower{fuse_sum}
         self._fn = torch.compile(gm, dynamic=dynamic)
 
     def _config(self):
         # freezing set globally while compiling: torch.compile(options={"freezing": True}) is not
         # read everywhere (linears then keep an unfolded qlinear_prepack and fail to compile)
-        return torch._inductor.config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper)
+        return torch._inductor.config.patch(freezing=True, cpp_wrapper=self.cpp_wrapper,
+                                            post_grad_custom_pre_pass=self.fuse_sum)
 
     def _call(self, x, t, noise):
         dtype = self.gm.meta.get(AUTOCAST)
@@ -492,7 +580,8 @@ def int8_kernel_calls(code: str) -> dict:
     back to float."""
     import re
 
-    return {op: len(re.findall(rf"onednn\.{op}_pointwise|aoti_torch_cpu__{op}_pointwise", code))
+    # qconv2d_pointwise.binary: a conv with its residual add fused (lower{fuse_sum=true})
+    return {op: len(re.findall(rf"onednn\.{op}(?:2d)?_pointwise|aoti_torch_cpu__{op}(?:2d)?_pointwise", code))
             for op in ("qconv", "qlinear")}
 
 

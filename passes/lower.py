@@ -194,6 +194,13 @@ def split_cat_convs(graph: StepGraph, qparams: dict) -> list[str]:
     return done
 
 
+def _flag(v):
+    """A pass option from the pipeline string or Python: "auto" stays, "true" / "false" become bools."""
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
 def _uniform(v, n=2):
     v = list(v) if isinstance(v, (list, tuple)) else [v] * n
     return v[0] if all(x == v[0] for x in v) else None
@@ -214,7 +221,9 @@ class Lower:
     min_k: int = 32             # x86 cost rule: int8 only for >= min_k reduction elements ...
     min_n: int = 16             # ... and >= min_n output channels
     weight_bits: str = "auto"   # x86: auto (8 with VNNI, 7 without: see backends/x86.py), 7 or 8
-    split16: bool = True        # x86: a conv / linear with a 16-bit input as two int8 ops (high / low byte)
+    split16: str = "auto"       # x86: a conv / linear with a 16-bit input as two int8 ops (high / low byte); auto: not on AMX CPUs
+    drop_wide: bool = False     # x86: such a layer kept in float (split16 off) reads its input unquantized (no 16-bit clipping: not exact; off)
+    fuse_sum: bool = False      # x86: residual adds into the int8 convs (oneDNN sum post-op; measured no faster on AMX, off)
     fold_tables: bool = True    # x86: bias_correct's per-group tables into the biases (one group of steps per batch)
     mixed_bf16: str = "auto"    # x86: int8-mixed-bf16 (auto: where the CPU has AVX-512 BF16 / AMX, for calls of >= 4 GMAC), true, false
 
@@ -247,7 +256,11 @@ class Lower:
 
             ctx.results["lower"] = {"backend": "x86", "split_cat": split, **lower_x86(graph, qparams, self.min_k, self.min_n,
                                                                   self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits),
-                                                                  self.split16)}
+                                                                  _flag(self.split16), bool(_flag(self.drop_wide)))}
+            if _flag(self.fuse_sum):
+                from ptq4dm.backends.x86 import FUSE_SUM
+
+                gm.meta[FUSE_SUM] = True
             if self.fold_tables:
                 from ptq4dm.backends.x86 import fold_group_tables
 

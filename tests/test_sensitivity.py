@@ -118,11 +118,11 @@ def test_widen_gives_the_costliest_activations_16_bits(tiny_unet, tmp_path):
     assert readers and readers <= kept, ("triton", readers, kept)
     off = ptq4dm.lower(copy.deepcopy(graph), backend="x86", split16=False)
     assert readers <= {name for name, why in off["kept"] if "16 bits" in why or "cost rule" in why}, off["kept"]
-    on = ptq4dm.lower(copy.deepcopy(graph), backend="x86")
+    on = ptq4dm.lower(copy.deepcopy(graph), backend="x86", split16=True)
     by_cost = {name for name, why in on["kept"] if "cost rule" in why}
     assert not any("16 bits" in why for _, why in on["kept"])
     assert on["counts"]["split16"] == len(readers - by_cost), (on["counts"], readers, by_cost)
-    every = ptq4dm.lower(copy.deepcopy(graph), backend="x86", min_k=1, min_n=1)   # the tiny convs too
+    every = ptq4dm.lower(copy.deepcopy(graph), backend="x86", min_k=1, min_n=1, split16=True)   # the tiny convs too
     assert every["counts"]["split16"] == len(readers), every["counts"]
 
 

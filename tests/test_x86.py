@@ -127,9 +127,9 @@ def test_a_16_bit_input_runs_as_two_int8_convs_with_the_simulated_values(batch):
     res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16, batch_size=16),
                           policy=QuantPolicy(act_bits=16), progress=False, graph=graph)
     fq, kept = copy.deepcopy(res.graph), copy.deepcopy(res.graph)
-    off = ptq4dm.lower(kept, backend="x86", split16=False)
+    off = ptq4dm.lower(kept, backend="x86", split16=False, mixed_bf16=False)
     assert off["counts"]["split16"] == 0 and any("16 bits" in why for _, why in off["kept"])
-    info = ptq4dm.lower(res.graph, backend="x86", weight_bits=8, mixed_bf16=False)
+    info = ptq4dm.lower(res.graph, backend="x86", weight_bits=8, mixed_bf16=False, split16=True)
     assert info["counts"]["split16"] == 1 and info["counts"]["qconv2d"] == 2, info
     x, t, noise = _inputs(step, batch, 1)
     with torch.no_grad():
@@ -137,6 +137,10 @@ def test_a_16_bit_input_runs_as_two_int8_convs_with_the_simulated_values(batch):
     for a, b in zip(pt2e, want):
         assert torch.allclose(a, b, atol=1e-5)
     steps = _out_steps(res)
+    with torch.no_grad():   # split16=false keeps the layer in float on its fake-quantized input: the simulated values
+        kept_out = kept(x, t, noise)
+    for a, b in zip(kept_out, want):
+        assert torch.allclose(a, b, atol=1e-5)
     if has_vnni():   # without VNNI oneDNN's int16 pair sums saturate on 8-bit weights (test above: 7-bit)
         compiled = ptq4dm.compile_step(res.graph)
         with torch.no_grad():
@@ -271,3 +275,23 @@ def test_lower_rejects_an_unknown_backend(tiny_unet):
     res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=4, batch_size=4), progress=False)
     with pytest.raises(ValueError, match="unknown backend 'npu'.*x86"):
         ptq4dm.lower(res.graph, backend="npu")
+
+
+def test_fuse_sum_puts_the_residual_add_inside_the_int8_conv(tiny_unet):
+    """lower{fuse_sum=true}: a ResNet block's ``input + conv2(h)`` runs as oneDNN's int8 conv with a
+    sum post-op (``qconv2d_pointwise.binary``) instead of an add after it; with fp32 outputs the
+    values are bit-equal to the unfused compiled graph, and a residual still read later (a skip
+    connection) is never overwritten (equality covers it: the UNet's up path reads its skips)."""
+    step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8, batch_size=8), progress=False)
+    plain, fused = copy.deepcopy(res.graph), copy.deepcopy(res.graph)
+    ptq4dm.lower(plain, mixed_bf16=False, min_k=1, min_n=1)
+    ptq4dm.lower(fused, mixed_bf16=False, min_k=1, min_n=1, fuse_sum=True)
+    args = _inputs(step, 2, 0)
+    a, b = ptq4dm.compile_step(plain), ptq4dm.compile_step(fused)
+    code = compiled_code(ptq4dm.compile_step(fused, cpp_wrapper=False), *args)
+    assert "qconv2d_pointwise.binary" in code
+    assert int8_kernel_calls(code)["qconv"] == int8_kernel_calls(compiled_code(a, *args))["qconv"]
+    with torch.no_grad():
+        for u, v in zip(a(*args), b(*args)):
+            assert torch.equal(u, v)
