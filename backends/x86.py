@@ -509,10 +509,8 @@ def _qconv_sum_pass():
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class QConvResidualSum(CustomGraphPass):
-        fused = 0
-
         def __call__(self, graph: fx.Graph) -> None:
-            QConvResidualSum.fused += _fuse_qconv_residual_sum(graph)
+            _fuse_qconv_residual_sum(graph)
 
         def uuid(self):
             return "ptq4dm-qconv-residual-sum-1"
