@@ -71,12 +71,21 @@ def dequantize(q: torch.Tensor, qp: QParams, output_dtype: torch.dtype = torch.f
                              output_dtype=output_dtype)
 
 
+def _grid(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None):
+    """x, scale and zero point in the dtype the rounding runs in: at least fp32. A bf16 / fp16 x
+    (int8-mixed-bf16 runs the graph under autocast) is widened rather than the scale narrowed:
+    a bf16 1/scale carries 8 significant bits and would move the grid by up to 0.4%, so that the
+    codes would differ from the fp32 graph's on the same values. Inductor fuses the casts into the
+    kernel: no extra memory traffic."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return x.to(dt), _expand(scale, x, axis).to(dt), _expand(zero_point, x, axis).to(dt)
+
+
 def _fake_quant_impl(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                      axis: int | None = None) -> torch.Tensor:
-    s = _expand(scale, x, axis).to(x.dtype)
-    z = _expand(zero_point, x, axis).to(x.dtype)
-    q = torch.clamp(torch.round(x * (1.0 / s)) + z, qmin, qmax)
-    return (q - z) * s
+    xf, s, z = _grid(x, scale, zero_point, axis)
+    q = torch.clamp(torch.round(xf * (1.0 / s)) + z, qmin, qmax)
+    return ((q - z) * s).to(x.dtype)
 
 
 # ``torch.ops.ptq4dm.fake_quant``: an op of its own so graph dumps name it, with a
@@ -88,9 +97,8 @@ _LIB.impl("fake_quant", _fake_quant_impl, "CompositeImplicitAutograd")
 
 def _quantize_codes_impl(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                          axis: int | None = None) -> torch.Tensor:
-    s = _expand(scale, x, axis).to(x.dtype)
-    z = _expand(zero_point, x, axis).to(x.dtype)
-    return torch.clamp(torch.round(x * (1.0 / s)) + z, qmin, qmax).to(torch.int8)
+    xf, s, z = _grid(x, scale, zero_point, axis)
+    return torch.clamp(torch.round(xf * (1.0 / s)) + z, qmin, qmax).to(torch.int8)
 
 
 # ``torch.ops.ptq4dm.quantize``: float -> int8 codes, the first half of ``fake_quant`` (same

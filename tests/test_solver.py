@@ -62,6 +62,22 @@ def test_values_on_the_grid_round_trip_exactly(scale, zp, seed, n):
     assert torch.equal(dequantize(quantize(x, qp), qp), x)
 
 
+@given(scale=st.floats(1e-3, 10.0), zp=st.integers(-100, 100), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_half_inputs_round_on_the_fp32_grid(scale, zp, seed, dtype):
+    """Under int8-mixed-bf16 the fake-quant and quantize ops see bf16 activations: the codes must be
+    the ones the fp32 graph gives the same values (the scale is not rounded to 16 bits), and the
+    fake-quant output is that value in the input's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(512, generator=g) * 60 * scale).to(dtype)
+    s, z = torch.tensor(scale, dtype=torch.float32), torch.tensor(zp, dtype=torch.int32)
+    codes = torch.ops.ptq4dm.quantize(x, s, z, -128, 127)
+    assert torch.equal(codes, torch.ops.ptq4dm.quantize(x.float(), s, z, -128, 127))
+    out = fake_quant(x, s, z, -128, 127)
+    assert out.dtype == dtype
+    assert torch.equal(out, fake_quant(x.float(), s, z, -128, 127).to(dtype))
+
+
 def test_constant_and_zero_tensors_give_valid_qparams():
     for x in (torch.zeros(100), torch.full((100,), 3.5), torch.full((100,), -2.0)):
         for symmetric in (True, False):
