@@ -123,6 +123,43 @@ def _h(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
+def _interpret(body: list, env: dict, weight_of, acts: set, ste: bool) -> dict:
+    """Run the fx nodes ``body`` in order over ``env`` (node -> value, seeded with their inputs):
+    ``get_attr`` nodes read ``weight_of(node)`` (a soft weight or the graph's constant); with ``ste``
+    the activation quantizers in ``acts`` quantize forward and pass the gradient straight through."""
+    look = lambda a: env[a]
+    for n in body:
+        if n.op == "placeholder":
+            continue
+        if n.op == "get_attr":
+            env[n] = weight_of(n)
+            continue
+        args = fx.node.map_arg(n.args, look)
+        kwargs = fx.node.map_arg(n.kwargs, look)
+        if n in acts and ste:   # quantize forward, identity backward
+            x = args[0]
+            env[n] = x + (n.target(*args, **kwargs) - x).detach()
+        else:
+            env[n] = n.target(*args, **kwargs)
+    return env
+
+
+def _commit(gm, base: dict, rnd: dict, error, before: float) -> tuple[float, float, bool]:
+    """Write the learned roundings' hard codes into the weights' buffers if they lower ``error``
+    below ``before``, else the codes of ``base`` (node -> weight codes it started from).
+    Returns (error after, fraction of codes moved from base, whether base was kept)."""
+    with torch.no_grad():
+        hard = {w: r.hard() for w, r in rnd.items()}
+    after = error(hard)
+    keep = after > before
+    final = base if keep else hard
+    moved = sum(int((final[w] != base[w]).sum()) for w in base) / sum(base[w].numel() for w in base)
+    for w in base:
+        buf = _attr(gm, str(w.target))
+        buf.copy_(final[w].to(buf.dtype))
+    return min(after, before), moved, keep
+
+
 @register_pass
 @dataclass
 class Reconstruct:
@@ -288,19 +325,8 @@ class Reconstruct:
         rtn = {w: _attr(gm, str(w.target)).detach().float() for w in weights}
 
         def run(env0: dict, wts: dict, ste: bool) -> list:
-            env = dict(env0)
-            look = lambda a: wts[a] if a in wts else env[a]
-            for n in body:
-                if n.op == "get_attr":
-                    env[n] = wts[n] if n in wts else _attr(gm, str(n.target)).detach()
-                    continue
-                args = fx.node.map_arg(n.args, look)
-                kwargs = fx.node.map_arg(n.kwargs, look)
-                if n in acts and ste:   # quantize forward, identity backward
-                    x = args[0]
-                    env[n] = x + (n.target(*args, **kwargs) - x).detach()
-                else:
-                    env[n] = n.target(*args, **kwargs)
+            weight_of = lambda n: wts[n] if n in wts else _attr(gm, str(n.target)).detach()
+            env = _interpret(body, {**env0, **wts}, weight_of, acts, ste)
             return [env[o] for o in outs]
 
         def error(wts: dict) -> float:
@@ -323,17 +349,9 @@ class Reconstruct:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        with torch.no_grad():
-            hard = {w: r.hard() for w, r in rnd.items()}
-        after = error(hard)
-        keep = after > before
-        final = rtn if keep else hard
-        moved = sum(int((final[w] != rtn[w]).sum()) for w in weights) / sum(rtn[w].numel() for w in weights)
-        for w in weights:
-            buf = _attr(gm, str(w.target))
-            buf.copy_(final[w].to(buf.dtype))
+        after, moved, keep = _commit(gm, rtn, rnd, error, before)
         return {"layer": path, "layers": [l.name for l, _ in lws], "error_before": before,
-                "error_after": min(after, before), "moved": moved, "kept_nearest": keep}
+                "error_after": after, "moved": moved, "kept_nearest": keep}
 
     def _network(self, gm, graph, layers, qparams, floats, acts, probe, data, gen, progress) -> dict:
         """Every rounding together against the float UNet's output (the prediction the sampler reads),
@@ -359,22 +377,8 @@ class Reconstruct:
         rnd = {w: _Rounding(floats[w], qparams[w.meta[QTENSOR].key], towards=current[w]) for w in weights}
 
         def run(inputs, wts: dict, ste: bool) -> torch.Tensor:
-            env = dict(zip(places, inputs))
-            look = lambda a: env[a]
-            for n in body:
-                if n.op == "placeholder":
-                    continue
-                if n.op == "get_attr":
-                    env[n] = wts[n] if n in wts else consts[n]
-                    continue
-                args = fx.node.map_arg(n.args, look)
-                kwargs = fx.node.map_arg(n.kwargs, look)
-                if n in acts and ste:
-                    x = args[0]
-                    env[n] = x + (n.target(*args, **kwargs) - x).detach()
-                else:
-                    env[n] = n.target(*args, **kwargs)
-            return env[out]
+            weight_of = lambda n: wts[n] if n in wts else consts[n]
+            return _interpret(body, dict(zip(places, inputs)), weight_of, acts, ste)[out]
 
         def error(wts: dict) -> float:
             num = den = 0.0
@@ -408,17 +412,9 @@ class Reconstruct:
             loss.backward()
             opt.step()
             losses.append(float(mse.detach()))
-        with torch.no_grad():
-            hard = {w: r.hard() for w, r in rnd.items()}
-        after = error(hard)
-        keep = after > before
-        final = current if keep else hard
-        moved = sum(int((final[w] != current[w]).sum()) for w in weights) / sum(current[w].numel() for w in weights)
-        for w in weights:
-            buf = _attr(gm, str(w.target))
-            buf.copy_(final[w].to(buf.dtype))
+        after, moved, keep = _commit(gm, current, rnd, error, before)
         tenth = max(len(losses) // 10, 1)
-        return {"iters": self.network, "error_before": before, "error_after": min(after, before), "moved": moved,
+        return {"iters": self.network, "error_before": before, "error_after": after, "moved": moved,
                 "kept_layerwise": keep, "mse_first": sum(losses[:tenth]) / tenth, "mse_last": sum(losses[-tenth:]) / tenth}
 
     def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen) -> dict:
