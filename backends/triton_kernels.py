@@ -5,11 +5,16 @@ graph's residual add when the lower pass fused one, and a requantization to the 
 int8 range when the consumer wants int8). Tested on the CPU under ``TRITON_INTERPRET=1`` against
 backends/reference.py (same conventions, documented there).
 
-Kernel, launcher and reference side by side, as in Triton's tutorials. No autotuning here:
-block sizes are parameters; GPU tuning is the GPU-speed issue's work.
+Kernel, launcher and reference side by side, as in Triton's tutorials. On CUDA the launchers use
+the same kernels wrapped in ``triton.autotune`` over ``TUNE_CONFIGS`` (block shapes, warps,
+pipeline stages), keyed by the problem size, unless a block size is passed or
+``PTQ4DM_TRITON_AUTOTUNE=0``; the interpreter (the CPU tests) launches the plain kernels with the
+launchers' block sizes (16 by default).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -179,6 +184,16 @@ if HAVE_TRITON:
         if WRITE_ACC:
             tl.store(acc_ptr + g.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small-M shapes (batch 1, time embedding)
+    # to large implicit-GEMM convs; int8 tl.dot needs every block dimension >= 16
+    TUNE_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                    for bm, bn, bk, w, s in [(16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3),
+                                             (64, 128, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+                                             (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]]
+    int8_gemm_tuned = triton.autotune(TUNE_CONFIGS, key=["M", "N", "K"])(int8_gemm_kernel)
+    int8_conv_tuned = triton.autotune(TUNE_CONFIGS, key=["B", "H", "W", "C", "N", "K"])(int8_conv_kernel)
+    int8_bmm_tuned = triton.autotune(TUNE_CONFIGS, key=["M", "N", "K"])(int8_bmm_kernel)
+
 
 def _launch(kernel):
     """``wrap_triton(kernel)``: a plain launch in eager mode; under torch.compile / make_fx (the
@@ -190,6 +205,20 @@ def _launch(kernel):
 def _need_triton():
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed: pip install triton (or ptq4dm[test])")
+
+
+def _autotuned(x: torch.Tensor, block_m: int | None) -> bool:
+    """Autotuned launch: on CUDA, unless block sizes were passed or PTQ4DM_TRITON_AUTOTUNE=0."""
+    return x.is_cuda and block_m is None and os.environ.get("PTQ4DM_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _kernel_and_grid(x, block_m, block_n, block_k, plain, tuned, rows, cols, *extra):
+    """(kernel, grid, block kwargs): the autotuned kernel with a grid read from the chosen config,
+    or the plain kernel with the given (default 16) block sizes."""
+    if _autotuned(x, block_m):
+        return tuned, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]), *extra), {}
+    bm, bn, bk = block_m or 16, block_n or 16, block_k or 16
+    return plain, (triton.cdiv(rows, bm), triton.cdiv(cols, bn), *extra), dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
 
 
 def _vec(v: torch.Tensor, dtype, device) -> torch.Tensor:
@@ -210,7 +239,8 @@ def int8_gemm(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_pac
               rows_per_sample: int | None = None, residual: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
               out_scale: torch.Tensor | None = None, out_zp: torch.Tensor | None = None, out_qmin: int = -128,
-              out_qmax: int = 127, block_m: int = 16, block_n: int = 16, block_k: int = 16):
+              out_qmax: int = 127, block_m: int | None = None, block_n: int | None = None,
+              block_k: int | None = None):
     """xq (M, K) int8, w_packed (K, N) int8 -> (M, N) in out_dtype [, int32 acc]; residual (M, N).
     With out_scale / out_zp (() or (B,)): int8 codes of that range instead (requantizing epilogue)."""
     _need_triton()
@@ -222,15 +252,15 @@ def int8_gemm(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_pac
     out = torch.empty((M, N), dtype=torch.int8 if quant_out else out_dtype, device=dev)
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
     res = residual if residual is not None else out
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _launch(int8_gemm_kernel)[grid](xq, w_packed, out, acc, M, N, K, rows_per_sample or M,
+    kernel, grid, blocks = _kernel_and_grid(xq, block_m, block_n, block_k, int8_gemm_kernel, int8_gemm_tuned, M, N)
+    _launch(kernel)[grid](xq, w_packed, out, acc, M, N, K, rows_per_sample or M,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
                            _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
                            *_out_q(out_scale, out_zp, dev), out_qmin, out_qmax,
                            xq.stride(0), xq.stride(1), w_packed.stride(0), w_packed.stride(1), res.stride(0), res.stride(1),
                            PER_SAMPLE=per_sample, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                            WRITE_ACC=return_acc, QUANT_OUT=quant_out, OUT_PER_SAMPLE=quant_out and out_scale.dim() > 0,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           **blocks)
     return (out, acc) if return_acc else out
 
 
@@ -239,7 +269,8 @@ def int8_conv2d(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_p
                 stride: int = 1, padding: int = 0, residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
                 out_scale: torch.Tensor | None = None, out_zp: torch.Tensor | None = None, out_qmin: int = -128,
-                out_qmax: int = 127, block_m: int = 16, block_n: int = 16, block_k: int = 16):
+                out_qmax: int = 127, block_m: int | None = None, block_n: int | None = None,
+                block_k: int | None = None):
     """xq (B, C, H, W) int8 (any strides; channels-last is the fast layout), w_packed (KH*KW*C, N)
     -> (B, N, OH, OW) in channels-last memory [, int32 acc (M, N)]; residual (B, N, OH, OW).
     With out_scale / out_zp (() or (B,)): int8 codes of that range instead (requantizing epilogue)."""
@@ -253,8 +284,8 @@ def int8_conv2d(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_p
     out = torch.empty((M, N), dtype=torch.int8 if quant_out else out_dtype, device=dev)
     acc = torch.empty((M, N), dtype=torch.int32, device=dev) if return_acc else out
     res = residual if residual is not None else out.view(B, OH, OW, N).permute(0, 3, 1, 2)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _launch(int8_conv_kernel)[grid](xq, w_packed, out, acc, B, H, W, C, OH, OW, N, K,
+    kernel, grid, blocks = _kernel_and_grid(xq, block_m, block_n, block_k, int8_conv_kernel, int8_conv_tuned, M, N)
+    _launch(kernel)[grid](xq, w_packed, out, acc, B, H, W, C, OH, OW, N, K,
                            _vec(x_zp, torch.int32, dev), _vec(x_scale, torch.float32, dev), _vec(w_sum, torch.int32, dev),
                            _vec(w_scale, torch.float32, dev), bias if bias is not None else out, res,
                            *_out_q(out_scale, out_zp, dev), out_qmin, out_qmax,
@@ -262,14 +293,14 @@ def int8_conv2d(xq: torch.Tensor, x_zp: torch.Tensor, x_scale: torch.Tensor, w_p
                            STRIDE=stride, PAD=padding, KW=kw, PER_SAMPLE=x_zp.dim() > 0, HAS_BIAS=bias is not None,
                            HAS_RES=residual is not None, WRITE_ACC=return_acc,
                            QUANT_OUT=quant_out, OUT_PER_SAMPLE=quant_out and out_scale.dim() > 0,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           **blocks)
     out = out.view(B, OH, OW, N).permute(0, 3, 1, 2)
     return (out, acc) if return_acc else out
 
 
 def int8_bmm(aq: torch.Tensor, a_zp: torch.Tensor, a_scale: torch.Tensor, bq: torch.Tensor, b_zp: torch.Tensor,
              b_scale: torch.Tensor, out_dtype: torch.dtype = torch.float32, return_acc: bool = False,
-             block_m: int = 16, block_n: int = 16, block_k: int = 16):
+             block_m: int | None = None, block_n: int | None = None, block_k: int | None = None):
     """aq (.., M, K) int8 @ bq (.., K, N) int8 -> float32 (.., M, N) [, int32 acc]; the leading dims
     start with the batch; a_zp / a_scale / b_zp / b_scale are () or (B,) (one per sample)."""
     _need_triton()
@@ -288,11 +319,11 @@ def int8_bmm(aq: torch.Tensor, a_zp: torch.Tensor, a_scale: torch.Tensor, bq: to
 
     out = torch.empty((G, M, N), dtype=out_dtype, device=dev)
     acc = torch.empty((G, M, N), dtype=torch.int32, device=dev) if return_acc else out
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), G)
-    _launch(int8_bmm_kernel)[grid](a3, b3, out, acc, M, N, K, max(1, G // B),
+    kernel, grid, blocks = _kernel_and_grid(aq, block_m, block_n, block_k, int8_bmm_kernel, int8_bmm_tuned, M, N, G)
+    _launch(kernel)[grid](a3, b3, out, acc, M, N, K, max(1, G // B),
                           per_sample(a_zp, torch.int32), per_sample(a_scale, torch.float32),
                           per_sample(b_zp, torch.int32), per_sample(b_scale, torch.float32),
                           a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1), b3.stride(2),
-                          WRITE_ACC=return_acc, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                          WRITE_ACC=return_acc, **blocks)
     out = out.reshape(*lead, M, N)
     return (out, acc.reshape(*lead, M, N)) if return_acc else out

@@ -1,10 +1,15 @@
 import os
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton's interpreter runs the int8 kernels on the CPU (tests/test_lowering.py); with a GPU the
+# kernels compile for it instead (tests/test_cuda.py), and the interpreter tests skip
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=15, deadline=None,

@@ -193,6 +193,48 @@ def profile_ops(fn, args, dev, top: int = 12) -> list[dict]:
     return [{"op": e.key, "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in rows]
 
 
+def write_results(records: list[dict], extras: dict, args, argv, dev, dev_name: str, isa, ao_version) -> str:
+    """Ratios within the run, then the JSON records, the extras and the Markdown table, written
+    atomically; called after every (model, batch), so an interrupted run keeps what it measured."""
+    # ratios within the run
+    for r in records:
+        same = {q["config"]: q.get("ms_per_step") for q in records if q["model"] == r["model"] and q["batch"] == r["batch"]}
+        if r.get("ms_per_step"):
+            for ref in RATIO_TO:
+                if same.get(ref):
+                    r[f"speedup_vs_{ref.replace('-', '_')}"] = same[ref] / r["ms_per_step"]
+            bf16 = [v for k, v in same.items() if k.startswith("bf16") and v]
+            if bf16:
+                r["speedup_vs_best_bf16"] = min(bf16) / r["ms_per_step"]
+    default_name = f"bench-{dev_name.split(' (')[0].replace(' ', '_')}.json" if dev.type == "cuda" else "bench-cpu.json"
+    out_json = Path(args.out_json) if args.out_json else REPO / "docs" / "results" / default_name
+    atomic_write_json(out_json, records)
+    atomic_write_json(out_json.with_suffix(".extras.json"), extras)
+    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    isa_s = f", ISA {' '.join(isa['flags'])}" if isa else ""
+    lines = [f"Device {dev_name}{isa_s}, torch {torch.__version__}, torchao {ao_version}, "
+             f"{datetime.date.today().isoformat()}. Command: `{command}`", "",
+             "| model | batch | config | ms / step | ms / sample chain | vs fp32 eager | vs fp32 compile | vs bf16 compile "
+             "| vs bf16 compile (C++ wrapper) | vs pt2e int8 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(r, ref):
+        v = r.get(f"speedup_vs_{ref.replace('-', '_')}")
+        return f"{v:.2f}x" if v else "—"
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['ms_per_step']:.3f} | "
+                     f"{r.get('ms_sample', float('nan')):.1f} | " + " | ".join(ratio(r, ref) for ref in RATIO_TO) + " |")
+    lines += ["", "| model | params | fp32 bytes | bf16 bytes | int8 artifact bytes |", "|---|---|---|---|---|"]
+    for m, w in extras["weights"].items():
+        lines.append(f"| {m} | {w['params']:,} | {w['fp32_bytes']:,} | {w['bf16_bytes']:,} | {w['int8_artifact_bytes']:,} |")
+    md = "\n".join(lines)
+    atomic_write_text(Path(args.out_md) if args.out_md else out_json.with_suffix(".md"), md + "\n")
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="ddpm-cifar10")
@@ -330,42 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 spread = f"  (rounds {min(rounds[c]):.1f}-{max(rounds[c]):.1f})"
                 print(f"{model:<18} b={batch:<4} {c:<24} {ms:9.3f} ms/step{spread}", flush=True)
             del built
-    # ratios within the run
-    for r in records:
-        same = {q["config"]: q.get("ms_per_step") for q in records if q["model"] == r["model"] and q["batch"] == r["batch"]}
-        if r.get("ms_per_step"):
-            for ref in RATIO_TO:
-                if same.get(ref):
-                    r[f"speedup_vs_{ref.replace('-', '_')}"] = same[ref] / r["ms_per_step"]
-            bf16 = [v for k, v in same.items() if k.startswith("bf16") and v]
-            if bf16:
-                r["speedup_vs_best_bf16"] = min(bf16) / r["ms_per_step"]
-    default_name = f"bench-{dev_name.split(' (')[0].replace(' ', '_')}.json" if dev.type == "cuda" else "bench-cpu.json"
-    out_json = Path(args.out_json) if args.out_json else REPO / "docs" / "results" / default_name
-    atomic_write_json(out_json, records)
-    atomic_write_json(out_json.with_suffix(".extras.json"), extras)
-    command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    isa_s = f", ISA {' '.join(isa['flags'])}" if isa else ""
-    lines = [f"Device {dev_name}{isa_s}, torch {torch.__version__}, torchao {ao_version}, "
-             f"{datetime.date.today().isoformat()}. Command: `{command}`", "",
-             "| model | batch | config | ms / step | ms / sample chain | vs fp32 eager | vs fp32 compile | vs bf16 compile "
-             "| vs bf16 compile (C++ wrapper) | vs pt2e int8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def ratio(r, ref):
-        v = r.get(f"speedup_vs_{ref.replace('-', '_')}")
-        return f"{v:.2f}x" if v else "—"
-    for r in records:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | failed: {r['error'][:80]} | | | | | | |")
-            continue
-        lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['ms_per_step']:.3f} | "
-                     f"{r.get('ms_sample', float('nan')):.1f} | " + " | ".join(ratio(r, ref) for ref in RATIO_TO) + " |")
-    lines += ["", "| model | params | fp32 bytes | bf16 bytes | int8 artifact bytes |", "|---|---|---|---|---|"]
-    for m, w in extras["weights"].items():
-        lines.append(f"| {m} | {w['params']:,} | {w['fp32_bytes']:,} | {w['bf16_bytes']:,} | {w['int8_artifact_bytes']:,} |")
-    md = "\n".join(lines)
-    atomic_write_text(Path(args.out_md) if args.out_md else out_json.with_suffix(".md"), md + "\n")
+            write_results(records, extras, args, argv, dev, dev_name, isa, ao_version)
+    md = write_results(records, extras, args, argv, dev, dev_name, isa, ao_version)
     print()
     print(md)
     return 0
