@@ -25,6 +25,14 @@ if [ -d .whl ]; then   # torchao, diffusers and what they need, where the image 
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3 | tee -a "$LOG"
+if ! python3 -c "import ptq4dm.passes" 2>/dev/null; then   # no editable install: the package layout by links
+  echo "editable install failed; importing ptq4dm through links in /tmp/ptq4dm_pkg" | tee -a "$LOG"
+  mkdir -p /tmp/ptq4dm_pkg/ptq4dm
+  for f in ptq4dm/*.py; do ln -sf "$PWD/$f" /tmp/ptq4dm_pkg/ptq4dm/; done
+  for d in ir passes backends models; do ln -sfn "$PWD/$d" "/tmp/ptq4dm_pkg/ptq4dm/$d"; done
+  export PYTHONPATH=/tmp/ptq4dm_pkg${PYTHONPATH:+:$PYTHONPATH}
+  PYTEST_DIR=/tmp   # run pytest from outside the checkout, whose ptq4dm/ (the facade alone) would shadow the links
+fi
 python3 -c "import ptq4dm, diffusers, torchao; print('ptq4dm', ptq4dm.__version__, 'diffusers', diffusers.__version__, 'torchao', torchao.__version__)" 2>&1 | tee -a "$LOG"
 
 stage() {   # stage NAME SECONDS CMD...
@@ -35,7 +43,8 @@ stage() {   # stage NAME SECONDS CMD...
   echo "== $name: rc $? in $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
-stage test_cuda "$T_TEST" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -x -rs
+REPO=$PWD
+stage test_cuda "$T_TEST" bash -c "cd ${PYTEST_DIR:-$REPO} && python3 -m pytest -q -p no:cacheprovider $REPO/tests/test_cuda.py -x -rs"
 stage kernel_bench "$T_KERNEL" python3 tools/kernel_bench.py --batches "$BATCHES" --out-json "$OUT/kernels.json"
 stage bench "$T_BENCH" python3 tools/bench.py --models ddpm-cifar10 --batches "$BATCHES" \
   --configs fp32-eager,bf16-eager,bf16-compile,torchao-int8dyn-compile,ptq4dm-w8a8 \
