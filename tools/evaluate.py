@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The quality table: FP vs W8A8 PTQ4DM vs the paper's baselines, on the default model.
 
-    python tools/evaluate.py --n 1000 --steps 50            # writes docs/results.md + JSON + PNG grid
+    python tools/evaluate.py --n 1000 --steps 50            # writes runs/evaluate/{results.md, quality.json, samples.png}
+    python tools/evaluate.py ... --out-md docs/results.md --out-json docs/results/quality.json --grid docs/img/samples.png
 
 Every configuration samples from the same seeds (batch i uses seed ``--seed + i``), so
 fidelity to FP (PSNR of the final samples) is measured sample by sample. FID / IS / sFID are
@@ -271,9 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="a local TorchScript Inception (inception-2015-12-05.pt, StyleGAN3 / clean-fid): adds standard "
                         "FID / IS columns; nothing is downloaded")
-    p.add_argument("--out-json", default=str(REPO / "docs" / "results" / "quality.json"))
-    p.add_argument("--out-md", default=str(REPO / "docs" / "results.md"))
-    p.add_argument("--grid", default=str(REPO / "docs" / "img" / "samples.png"))
+    # under runs/ by default: an exploratory run (or a partial one) never rewrites the committed table;
+    # the committed one is updated by naming it: --out-json docs/results/quality.json --out-md docs/results.md
+    # --grid docs/img/samples.png
+    p.add_argument("--out-json", default=str(REPO / "runs" / "evaluate" / "quality.json"))
+    p.add_argument("--out-md", default=str(REPO / "runs" / "evaluate" / "results.md"),
+                   help="the Markdown file whose quality-table section is (re)written (created if missing); "
+                   "default runs/evaluate/results.md; docs/results.md to update the committed table")
+    p.add_argument("--grid", default=str(REPO / "runs" / "evaluate" / "samples.png"))
     p.add_argument("--int8", action="store_true",
                    help="after each quantized configuration, a row for its int8 execution: the same graph through "
                         "ptq4dm.lower + ptq4dm.compile_step (CPU: Inductor + oneDNN int8; CUDA: Triton)")
