@@ -86,6 +86,9 @@ def test_evaluate_small_run(tmp_path, inception_file):
     assert data["meta"]["model"]["train_steps"] == default_model_card()["steps"]  # the table names its checkpoint
     assert data["meta"]["model"]["weights_sha256"] == ptq4dm.weights_hash(ptq4dm.load_default_unet())[:16]
     assert data["rows"][1]["psnr_vs_fp"] > 10  # same seeds: the W8A8 samples resemble the FP ones
+    lo, hi = data["rows"][1]["fid_vs_fp_interval"]   # the change vs FP with its sampling noise
+    assert lo <= (data["rows"][1]["fid"] / data["rows"][0]["fid"] - 1) <= hi and data["rows"][0]["fid_vs_fp_interval"] is None
+    assert len(int8["fid_vs_fakequant_interval"]) == 2 and "vs FP [sampling noise" in md.read_text()
     assert data["rows"][0]["label_changed_vs_fp"] is None and 0 <= data["rows"][1]["label_changed_vs_fp"] <= 1
     assert all(row["inception_fid"] >= 0 and row["inception_is"] >= 1 for row in data["rows"])
     text = md.read_text()
@@ -168,3 +171,31 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
         for name, opts in parse_pipeline(c.passes) if c.passes else ():
             fields = {f.name for f in dc.fields(PASS_REGISTRY[name])} if dc.is_dataclass(PASS_REGISTRY[name]) else set(opts)
             assert set(opts) <= fields, (c.name, name, set(opts) - fields)
+
+
+def test_fid_change_interval_measures_the_sampling_noise_of_the_change():
+    """The interval around FID(q) / FID(fp) - 1: zero width for the same samples, around the
+    measured change, and as wide as the change actually moves over independent sample sets (a
+    simulated pair of models, paired sample by sample, at a change of about +20%)."""
+    from ptq4dm.models.metrics import fid_change_interval
+
+    g = torch.Generator().manual_seed(1)
+    d = 32
+    real = torch.randn(5000, d, generator=g).relu()
+    mix = torch.eye(d) + 0.03 * torch.randn(d, d, generator=g)
+
+    def draw(n):
+        fp = (torch.randn(n, d, generator=g) * 1.2 + 0.3).relu()
+        return fp @ mix + 0.05 * torch.randn(n, d, generator=g), fp
+
+    q, fp = draw(1000)
+    assert fid_change_interval(fp, fp, real, n_sub=10) == (0.0, 0.0)
+    change = frechet_distance(q, real) / frechet_distance(fp, real) - 1
+    lo, hi = fid_change_interval(q, fp, real, n_sub=60)
+    assert lo < change < hi and lo > 0   # a real change, resolved at N = 1,000
+    spread = torch.tensor([frechet_distance(a, real) / frechet_distance(b, real) - 1
+                           for a, b in (draw(1000) for _ in range(40))]).std()
+    est = (hi - lo) / (2 * 1.645)
+    assert 0.6 < est / float(spread) < 1.6, (est, float(spread))
+    with pytest.raises(ValueError, match="pair sample by sample"):
+        fid_change_interval(q[:10], fp[:11], real)

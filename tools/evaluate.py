@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     from ptq4dm import distributed
     from ptq4dm.models.classifier import load_classifier
     from ptq4dm.models.loading import load_default_unet, load_unet, trained_schedule
-    from ptq4dm.models.metrics import (InceptionNet, classifier_stats, frechet_distance, inception_score,
-                                       inception_score_from_probs, psnr)
+    from ptq4dm.models.metrics import (InceptionNet, classifier_stats, fid_change_interval, frechet_distance,
+                                       inception_score, inception_score_from_probs, psnr)
     sys.path.insert(0, str(REPO / "tools"))
     from train import load_digits
 
@@ -383,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"Model `{model['weights']}` ({steps}weights sha256 {model['weights_sha256']}).",
                  f"Sampler {args.sampler} {args.steps} steps ({sampler_opt}); N = {args.n} samples per row from the same seeds; "
                  f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).",
-                 f"Real digits (all {real.shape[0]:,}) classified with confidence >= 0.9 by the same classifier: {real_confident:.3f}.", "",
+                 f"Real digits (all {real.shape[0]:,}) classified with confidence >= 0.9 by the same classifier: {real_confident:.3f}.",
+                 "vs FP: the FID change; in brackets how far it moves with the sample set (paired random halves of the "
+                 "N samples, scaled to N); another calibration draw moves a quantized row further.", "",
                  f"Command: `{command}`", "",
-                 "| configuration | FID (MNIST-clf) | vs FP | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) | digit differs from FP |",
+                 "| configuration | FID (MNIST-clf) | vs FP [sampling noise, ~90%] | sFID-like | IS analogue | conf >= 0.9 | PSNR vs FP (dB) | digit differs from FP |",
                  "|---|---|---|---|---|---|---|---|"]
         if inception is not None:
             lines[-2] += " Inception FID | Inception IS |"
@@ -395,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             ch = "—" if r.get("label_changed_vs_fp") is None else f"{r['label_changed_vs_fp']:.3f}"
             incep = f" {r['inception_fid']:.3f} | {r['inception_is']:.3f} |" if inception is not None else ""
             vs = "—" if fp_fid is None else f"{100 * (r['fid'] - fp_fid) / fp_fid:+.1f}%"
+            if r.get("fid_vs_fp_interval"):
+                lo, hi = r["fid_vs_fp_interval"]
+                vs += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
             lines.append(f"| {r['label']} | {r['fid']:.3f} | {vs} | {r['sfid']:.3f} | "
                          f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} | {ch} |" + incep)
         if not final:
@@ -419,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8:
         runs = [r for c in configs for r in ([(c, False)] + ([(c, True)] if c.name != "fp" else []))]
         configs = [c for c, _ in runs]
-    rows, samples, labels, shown = [], {}, {}, []
+    rows, samples, labels, feats, shown = [], {}, {}, {}, []
     res = None
     for cfg, int8 in runs:
         t0 = time.perf_counter()
@@ -452,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                "confident_frac": float((conf >= 0.9).float().mean()),
                "classes": int(pred.unique().numel()),
                "psnr_vs_fp": psnr(x, samples["fp"]) if "fp" in samples else None,
+               # the sampling noise of the change vs FP (same seeds, paired halves): docs/cli.md
+               "fid_vs_fp_interval": (fid_change_interval(s["feat"], feats["fp"], real_stats["feat"])
+                                      if "fp" in feats and cfg.name != "fp" else None),
                "label_changed_vs_fp": float((pred != labels["fp"]).float().mean()) if "fp" in labels else None,
                **({} if inception is None else _inception_cols(inception, x, real_incep)),
                "seconds": time.perf_counter() - t0, **qinfo}
@@ -463,11 +471,12 @@ def main(argv: list[str] | None = None) -> int:
             parent = cfg.name[: -len("-int8")]
             row.update({"psnr_vs_fakequant": psnr(x, samples[parent]),
                         "label_changed_vs_fakequant": float((pred != labels[parent]).float().mean()),
-                        "fid_vs_fakequant": row["fid"] - rows[-1]["fid"]})
+                        "fid_vs_fakequant": row["fid"] - rows[-1]["fid"],
+                        "fid_vs_fakequant_interval": fid_change_interval(s["feat"], feats[parent], real_stats["feat"])})
             if main_rank:
                 print(f"{cfg.name:<26} vs its fake-quant row: PSNR {row['psnr_vs_fakequant']:.2f} dB, digit differs "
                       f"{row['label_changed_vs_fakequant']:.3f}, FID {row['fid_vs_fakequant']:+.3f}", flush=True)
-        samples[cfg.name], labels[cfg.name] = x, pred
+        samples[cfg.name], labels[cfg.name], feats[cfg.name] = x, pred, s["feat"]
         shown.append(cfg)
         rows.append(row)
         if main_rank:
