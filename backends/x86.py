@@ -26,10 +26,16 @@ A 16-bit input (an activation the sensitivity pass widened) is split into its co
 low byte, two uint8 tensors whose dequantized sum is the fake-quantized value exactly, and the
 conv / linear runs twice in int8 with the results added (``_split16``; ``split16=False`` keeps such
 layers in float, the default on CPUs with AMX (``split16="auto"``), where one bf16 / fp32 conv on
-AMX tiles beat the two int8 ops and the byte-splitting pass; ``drop_wide=True`` lets such a float
-layer read its input unquantized, saving the fake-quant's pass, but then inputs beyond the
-calibrated 16-bit range are no longer clipped: measured 21 output steps off on a one-conv test, so
-off by default).
+AMX tiles beat the two int8 ops and the byte-splitting pass). Such a float layer reads its
+16-bit input through ``ptq4dm.fake_quant_fp32_only`` (``drop_wide="bf16"``, the default): in fp32
+calls that is the 16-bit fake-quant (the simulated values), in int8-mixed-bf16 calls the bf16 input
+itself. A 16-bit grid is finer than bf16 (8 significant bits) for every value more than 256 steps
+from zero, so there the fake-quant rounds back to the input, and all it would still do is clamp at
+the calibrated range (the whole calibration set's) while costing a pass that writes a copy for the
+conv to read: 1.14x of the step on the default model at batch 256 on an AMX CPU (docs/results.md).
+``drop_wide=True`` reads the unquantized input in fp32 calls too (not exact: inputs beyond the
+calibrated range are no longer clipped, 21 output steps off on a one-conv test); ``False`` keeps
+the fake-quant in every call.
 
 ``lower{fuse_sum=true}`` adds an Inductor post-grad pass (``_fuse_qconv_residual_sum``) that puts a
 ResNet block's residual add inside the int8 conv (oneDNN's sum post-op), which torchao's rewrite
@@ -72,6 +78,7 @@ from torch import fx
 
 aten = torch.ops.aten
 FQ = torch.ops.ptq4dm.fake_quant.default
+FQ_FP32_ONLY = torch.ops.ptq4dm.fake_quant_fp32_only.default
 
 
 def _decomposed():
@@ -176,7 +183,7 @@ def _unflatten(g: fx.Graph, out: fx.Node, tokens: list, n_out: int) -> None:
 
 
 def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bits: int | str = "auto",
-              split16: bool | str = "auto", drop_wide: bool = False) -> dict:
+              split16: bool | str = "auto", drop_wide: bool | str = "bf16") -> dict:
     """Rewrite ``graph`` (a fake-quant StepGraph) in place into PT2E's reference form. Returns
     ``{"counts": {...}, "kept": [(node, reason), ...], "weight_bits": 8 | 7}``.
 
@@ -191,6 +198,8 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
         split16 = not has_amx()
     if split16 not in (True, False):
         raise ValueError(f"lower x86: split16 must be auto, true or false, got {split16!r}")
+    if drop_wide not in (True, False, "bf16"):
+        raise ValueError(f"lower x86: drop_wide must be bf16, true or false, got {drop_wide!r}")
     if weight_bits not in (7, 8):
         raise ValueError(f"lower x86: weight_bits must be auto, 7 or 8, got {weight_bits!r}")
     from ptq4dm.ir.graph import ROLE
@@ -202,6 +211,7 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
     g, gm = graph.graph, graph.gm
     counts = {"qconv2d": 0, "qlinear": 0, "split16": 0}
     kept = []
+    wide_of = {}   # fake_quant node -> its fake_quant_fp32_only twin (drop_wide=bf16)
     dq_of = {}   # (fake_quant node, flattened) -> its dequantize node(s), shared by every lowered consumer
     src_of = {}  # (fake_quant node, True) -> its input viewed as (tokens, channels)
     i = 0
@@ -244,8 +254,16 @@ def lower_x86(graph, qparams: dict, min_k: int = 32, min_n: int = 16, weight_bit
                 reason = f"cost rule: {k} reduction elements x {wv.shape[0]} outputs (int8 when >= {min_k} x {min_n})"
         if reason:
             if wide and not split16 and drop_wide and reason.startswith("input quantized to 16"):
-                n.args = (src, *n.args[1:])   # the fake-quant node goes with its last reader (dead code)
-                reason += "; runs on its unquantized input (drop_wide)"
+                if drop_wide == "bf16":   # the fake-quant in fp32 calls, the input itself in bf16 ones
+                    if fq not in wide_of:
+                        with g.inserting_after(fq):
+                            wide_of[fq] = g.call_function(FQ_FP32_ONLY, fq.args, dict(fq.kwargs))
+                        wide_of[fq].meta.update(fq.meta)
+                    n.args = (wide_of[fq], *n.args[1:])
+                    reason += "; reads its input unquantized in int8-mixed-bf16 calls (drop_wide=bf16)"
+                else:
+                    n.args = (src, *n.args[1:])   # the fake-quant node goes with its last reader (dead code)
+                    reason += "; runs on its unquantized input (drop_wide)"
             kept.append((n.name, reason))
             continue
         wq = quantize(wv.float(), wqp, torch.int8)

@@ -95,6 +95,23 @@ _LIB.define("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int qmin, int
 _LIB.impl("fake_quant", _fake_quant_impl, "CompositeImplicitAutograd")
 
 
+def _fake_quant_fp32_only_impl(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                               axis: int | None = None) -> torch.Tensor:
+    if x.dtype == torch.bfloat16 and qmax - qmin >= 65535:
+        # a bf16 value carries 8 significant bits, so a 16-bit grid is finer than bf16 itself for
+        # every |x| above 256 steps (there the fake-quant rounds back to x); what is left is the
+        # clamp at the calibrated range, and that alone would still cost a pass that writes a copy
+        return x.view(x.shape)
+    return _fake_quant_impl(x, scale, zero_point, qmin, qmax, axis)
+
+
+# ``torch.ops.ptq4dm.fake_quant_fp32_only``: the x86 lowering's input of a float layer that reads a
+# 16-bit activation (``lower{drop_wide=bf16}``): the 16-bit fake-quant in fp32 calls (exact, as
+# simulated) and the input itself in int8-mixed-bf16 calls, where the graph runs in bf16 (see above).
+_LIB.define("fake_quant_fp32_only(Tensor x, Tensor scale, Tensor zero_point, int qmin, int qmax, int? axis=None) -> Tensor")
+_LIB.impl("fake_quant_fp32_only", _fake_quant_fp32_only_impl, "CompositeImplicitAutograd")
+
+
 def _quantize_codes_impl(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                          axis: int | None = None) -> torch.Tensor:
     xf, s, z = _grid(x, scale, zero_point, axis)

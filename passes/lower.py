@@ -222,7 +222,7 @@ class Lower:
     min_n: int = 16             # ... and >= min_n output channels
     weight_bits: str = "auto"   # x86: auto (8 with VNNI, 7 without: see backends/x86.py), 7 or 8
     split16: str = "auto"       # x86: a conv / linear with a 16-bit input as two int8 ops (high / low byte); auto: not on AMX CPUs
-    drop_wide: bool = False     # x86: such a layer kept in float (split16 off) reads its input unquantized (no 16-bit clipping: not exact; off)
+    drop_wide: str = "bf16"     # x86: such a layer kept in float (split16 off) reads its input unquantized: bf16 (in int8-mixed-bf16 calls only, where a 16-bit grid is finer than bf16 and only its clamp is lost), true (always: not exact), false
     fuse_sum: bool = False      # x86: residual adds into the int8 convs (oneDNN sum post-op; measured no faster on AMX, off)
     fold_tables: bool = True    # x86: bias_correct's per-group tables into the biases (one group of steps per batch)
     mixed_bf16: str = "auto"    # x86: int8-mixed-bf16 (auto: where the CPU has AVX-512 BF16 / AMX, for calls of >= 4 GMAC), true, false
@@ -256,7 +256,7 @@ class Lower:
 
             ctx.results["lower"] = {"backend": "x86", "split_cat": split, **lower_x86(graph, qparams, self.min_k, self.min_n,
                                                                   self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits),
-                                                                  _flag(self.split16), bool(_flag(self.drop_wide)))}
+                                                                  _flag(self.split16), _flag(self.drop_wide))}
             if _flag(self.fuse_sum):
                 from ptq4dm.backends.x86 import FUSE_SUM
 

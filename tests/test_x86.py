@@ -295,3 +295,69 @@ def test_fuse_sum_puts_the_residual_add_inside_the_int8_conv(tiny_unet):
     with torch.no_grad():
         for u, v in zip(a(*args), b(*args)):
             assert torch.equal(u, v)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), lo=st.floats(-8.0, -0.5), hi=st.floats(0.5, 8.0))
+def test_a_16_bit_grid_is_finer_than_bf16_so_fake_quant_fp32_only_passes_bf16_through(seed, lo, hi):
+    """The claim behind lower{drop_wide=bf16}: for a bf16 input inside the calibrated range and more
+    than 256 steps from zero, the 16-bit fake-quant rounded back to bf16 is the input itself (bf16
+    carries 8 significant bits, the grid's step is finer); fake_quant_fp32_only returns a bf16 input
+    as it is and computes the 16-bit fake-quant for fp32 inputs (the simulated values)."""
+    from ptq4dm.ir.quant import fake_quant
+
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([(hi - lo) / 65535])
+    zp = torch.tensor([round(-32768 - lo / float(scale))], dtype=torch.int64)
+    x = (torch.rand(4096, generator=g) * (hi - lo) + lo)
+    xb = x.to(torch.bfloat16)
+    inside = (xb.float().abs() > 256 * scale) & (xb.float() > lo) & (xb.float() < hi)
+    fq = fake_quant(xb, scale, zp, -32768, 32767)
+    assert torch.equal(fq[inside], xb[inside])
+    assert torch.equal(torch.ops.ptq4dm.fake_quant_fp32_only(xb, scale, zp, -32768, 32767), xb)
+    assert torch.equal(torch.ops.ptq4dm.fake_quant_fp32_only(x, scale, zp, -32768, 32767),
+                       fake_quant(x, scale, zp, -32768, 32767))
+    x8 = torch.ops.ptq4dm.fake_quant_fp32_only(xb, scale, torch.zeros(1, dtype=torch.int64), -128, 127)
+    assert torch.equal(x8, fake_quant(xb, scale, torch.zeros(1, dtype=torch.int64), -128, 127))   # 8 bits: always quantized
+
+
+def test_drop_wide_bf16_keeps_the_simulated_values_in_fp32_calls_and_skips_the_pass_in_bf16_ones():
+    """split16=false keeps a conv with a 16-bit input in float; with drop_wide=bf16 (the default)
+    its fp32 calls read the 16-bit fake-quantized input (exactly the simulated values) and its
+    int8-mixed-bf16 calls read the bf16 input itself (no pass writing a clamped copy), within the
+    bf16 tolerance of the fake-quant graph; a wrong value is refused with the choices."""
+    layer = OneLayer(32, 24, 8, "conv")
+    torch.manual_seed(0)
+    step = ptq4dm.DiffusionStep(layer.eval(), ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
+    graph = ptq4dm.capture_step(step, batch=3, dynamic_batch=True)
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=16, batch_size=16),
+                          policy=QuantPolicy(act_bits=16), progress=False, graph=graph)
+    fq = copy.deepcopy(res.graph)
+    with pytest.raises(ValueError, match="drop_wide must be bf16, true or false"):
+        ptq4dm.lower(copy.deepcopy(fq), backend="x86", split16=False, drop_wide="sometimes")
+    fp32, bf16 = copy.deepcopy(fq), copy.deepcopy(fq)
+    info = ptq4dm.lower(fp32, backend="x86", split16=False, mixed_bf16=False)
+    dropped = sum("drop_wide=bf16" in why for _, why in info["kept"])
+    assert dropped >= 1, info["kept"]
+    assert sum(n.target is torch.ops.ptq4dm.fake_quant_fp32_only.default for n in fp32.graph.nodes) == dropped
+    x, t, noise = _inputs(step, 3, 4)
+    with torch.no_grad():
+        want = fq(x, t, noise)
+        got = ptq4dm.compile_step(fp32)(x, t, noise)
+    steps = _out_steps(res)
+    for i, name in enumerate(("prev_sample", "mean")):
+        assert float((got[i] - want[i]).abs().max()) <= steps[name] * 1.01 + 1e-5, name
+    ptq4dm.lower(bf16, backend="x86", split16=False, mixed_bf16=True)
+    compiled = ptq4dm.compile_step(bf16)
+    # inputs like the calibration's (x_T ~ N(0, I)): inside the calibrated 16-bit ranges. _inputs'
+    # doubled x leaves them, and there the bf16 call differs by the clipping it no longer does
+    x = x / 2
+    with torch.no_grad():
+        want, got = fq(x, t, noise), compiled(x, t, noise)
+    for i, name in enumerate(("prev_sample", "mean")):
+        err, scale = (got[i] - want[i]).abs(), want[i].abs().max()
+        assert float(err.max()) <= 4 * 2**-8 * float(scale), (name, float(err.max()), float(scale))
+    # the 16-bit input's clamp (to the codes' 32767) is gone from the bf16 call's kernels only
+    clamps_bf16 = compiled_code(compiled, x, t, noise).count("32767")
+    clamps_fp32 = compiled_code(ptq4dm.compile_step(fp32), x, t, noise).count("32767")
+    assert clamps_bf16 < clamps_fp32, (clamps_bf16, clamps_fp32)
