@@ -124,6 +124,9 @@ def test_doubt_rows_orders_by_confidence():
 @pytest.mark.parametrize("args, message", [
     (["--sampler", "ddpm", "--eta", "0.5"], "--eta is a DDIM option"),
     (["--sampler", "ddim", "--variance", "fixed_large"], "--variance is a DDPM option"),
+    (["--int8", "--lower-opts", "drop_wide"], "'drop_wide' is not key=value"),
+    (["--int8", "--lower-opts", "drop_wide=false,fast=true"], "unknown option 'fast'"),
+    (["--lower-opts", "drop_wide=false"], "add --int8"),
 ])
 def test_evaluate_refuses_sampler_options_of_the_other_sampler(tmp_path, args, message):
     out = tmp_path / "q.json"

@@ -283,10 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="after each quantized configuration, a row for its int8 execution: the same graph through "
                         "ptq4dm.lower + ptq4dm.compile_step (CPU: Inductor + oneDNN int8; CUDA: Triton)")
+    p.add_argument("--lower-opts", default="", metavar="KEY=VALUE,...",
+                   help="options of the lower pass for the --int8 rows (e.g. drop_wide=false,split16=true); "
+                        "default: its defaults")
     p.add_argument("--doubt-grid", default=None, metavar="PNG",
                    help="also draw the FP samples the classifier is least sure of, beside confident ones and the "
                         "least sure real digits, each captioned with its predicted digit and confidence")
     return p
+
+
+def parse_lower_opts(text: str) -> dict:
+    """``key=value,...`` -> the lower pass's options, checked against its fields before any sampling
+    (true / false become bools, digits ints)."""
+    import dataclasses as dc
+
+    from ptq4dm.passes.lower import Lower
+
+    known = {f.name for f in dc.fields(Lower)} - {"backend"}
+    opts = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"--lower-opts: {item!r} is not key=value (e.g. drop_wide=false)")
+        if key not in known:
+            raise ValueError(f"--lower-opts: unknown option {key!r}; the lower pass has {sorted(known)}")
+        opts[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n < 2:
         p.error("--samples must be >= 2 (FID needs a covariance)")
+    try:
+        args.lower_opts = parse_lower_opts(args.lower_opts)
+    except ValueError as e:
+        p.error(str(e))
+    if args.lower_opts and not args.int8:
+        p.error("--lower-opts sets how the --int8 rows are lowered; add --int8")
     if args.sampler == "ddpm" and args.eta is not None:
         p.error("--eta is a DDIM option; with --sampler ddpm choose --variance, or use --sampler ddim")
     if args.sampler == "ddim" and args.variance is not None:
@@ -429,11 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     for cfg, int8 in runs:
         t0 = time.perf_counter()
         if int8:   # the graph just sampled as fake-quant, lowered and compiled
-            info = ptq4dm.lower(res.graph)
+            info = ptq4dm.lower(res.graph, **args.lower_opts)
             fn = ptq4dm.compile_step(res.graph)
             cfg = dataclasses.replace(cfg, name=cfg.name + "-int8", label=cfg.label + f" — int8 execution ({info['backend']}"
                                       + (f", weights at {info['weight_bits']} bits" if info.get("weight_bits", 8) != 8 else "")
-                                      + (", int8-mixed-bf16" if info.get("mixed_bf16") else "") + ")")
+                                      + (", int8-mixed-bf16" if info.get("mixed_bf16") else "")
+                                      + "".join(f", {k}={v}" for k, v in args.lower_opts.items()) + ")")
             with torch.no_grad():
                 x = draw(fn, cfg.name)
             qinfo = {"lower": {k: v for k, v in info.items() if k != "kept"}, "kept_in_float": len(info["kept"])}
