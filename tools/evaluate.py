@@ -462,10 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, name=cfg.name + "-int8", label=cfg.label + f" — int8 execution ({info['backend']}"
                                       + (f", weights at {info['weight_bits']} bits" if info.get("weight_bits", 8) != 8 else "")
                                       + (", int8-mixed-bf16" if info.get("mixed_bf16") else "")
-                                      + "".join(f", {k}={v}" for k, v in args.lower_opts.items()) + ")")
+                                      + "".join(f", {k}={str(v).lower()}" for k, v in args.lower_opts.items()) + ")")
             with torch.no_grad():
                 x = draw(fn, cfg.name)
-            qinfo = {"lower": {k: v for k, v in info.items() if k != "kept"}, "kept_in_float": len(info["kept"])}
+            qinfo = {"lower": {k: v for k, v in info.items() if k != "kept"}, "kept_in_float": len(info["kept"]),
+                     "lower_opts": args.lower_opts}
         elif cfg.name == "fp":
             with torch.no_grad():
                 x = draw(step, cfg.name)
