@@ -225,6 +225,8 @@ class Lower:
     drop_wide: str = "bf16"     # x86: such a layer kept in float (split16 off) reads its input unquantized: bf16 (in int8-mixed-bf16 calls only, where a 16-bit grid is finer than bf16 and only its clamp is lost), true (always: not exact), false
     fuse_sum: bool = False      # x86: residual adds into the int8 convs (oneDNN sum post-op; measured no faster on AMX, off)
     fold_tables: bool = True    # x86: bias_correct's per-group tables into the biases (one group of steps per batch)
+    fold_time: bool = True      # x86: the time-embedding path (values of t alone) folded into per-timestep tables
+    gn_channels_last: bool = True   # x86: GroupNorm as channel-vectorized reductions (ptq4dm.group_norm_cl)
     mixed_bf16: str = "auto"    # x86: int8-mixed-bf16 (auto: where the CPU has AVX-512 BF16 / AMX, for calls of >= 4 GMAC), true, false
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
@@ -252,11 +254,15 @@ class Lower:
                 macs = step_macs_per_sample(graph)
         split = split_cat_convs(graph, qparams)
         if backend == "x86":
-            from ptq4dm.backends.x86 import lower_x86
+            from ptq4dm.backends.x86 import fold_time_path, lower_x86
 
+            # first, on the fake-quant graph: the tables then hold the simulated values of t alone
+            time_path = fold_time_path(graph) if _flag(self.fold_time) else None
             ctx.results["lower"] = {"backend": "x86", "split_cat": split, **lower_x86(graph, qparams, self.min_k, self.min_n,
                                                                   self.weight_bits if self.weight_bits == "auto" else int(self.weight_bits),
                                                                   _flag(self.split16), _flag(self.drop_wide))}
+            if time_path is not None:
+                ctx.results["lower"]["time_path"] = time_path
             if _flag(self.fuse_sum):
                 from ptq4dm.backends.x86 import FUSE_SUM
 
@@ -265,6 +271,10 @@ class Lower:
                 from ptq4dm.backends.x86 import fold_group_tables
 
                 ctx.results["lower"]["folded_tables"] = fold_group_tables(graph)
+            if _flag(self.gn_channels_last):
+                from ptq4dm.backends.x86 import group_norm_channels_last
+
+                ctx.results["lower"]["group_norms"] = group_norm_channels_last(graph)
             min_batch = 1
             if mixed == "auto":
                 from ptq4dm.backends.x86 import MIXED_BF16_MIN_MACS, has_bf16

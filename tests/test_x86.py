@@ -103,7 +103,8 @@ def test_compiled_code_runs_onednn_int8_kernels(tiny_unet, mixed_bf16):
     where the CPU has bf16 instructions) and without."""
     step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
     res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8, batch_size=8), progress=False)
-    info = ptq4dm.lower(res.graph, mixed_bf16=mixed_bf16)          # the CPU's default backend
+    # fold_time off: the tiny UNet's only linears are on the time path, which fold_time turns into tables
+    info = ptq4dm.lower(res.graph, mixed_bf16=mixed_bf16, fold_time=False)          # the CPU's default backend
     assert info["backend"] == "x86"
     assert info["mixed_bf16"] == (has_bf16() if mixed_bf16 == "auto" else False)
     for cpp_wrapper in (True, False):   # the kernel calls in C++ (the default) or in Python
@@ -361,3 +362,92 @@ def test_drop_wide_bf16_keeps_the_simulated_values_in_fp32_calls_and_skips_the_p
     clamps_bf16 = compiled_code(compiled, x, t, noise).count("32767")
     clamps_fp32 = compiled_code(ptq4dm.compile_step(fp32), x, t, noise).count("32767")
     assert clamps_bf16 < clamps_fp32, (clamps_bf16, clamps_fp32)
+
+
+@pytest.mark.parametrize("sampler_kind", ["ddpm", "ddim"])
+def test_time_path_folds_into_per_timestep_tables_with_the_same_values(tiny_unet, sampler_kind):
+    """lower's fold_time (the default): the values the step computes from t alone (the time MLP and
+    every block's time_emb_proj) become table[t] lookups. The folded graph gives the unfolded
+    graph's values exactly (fp32, eager) for a batch of distinct timesteps; no linear on the time
+    path is left; fold_time=false leaves the graph as it was."""
+    from ptq4dm.backends.x86 import fold_time_path
+
+    sampler = ptq4dm.make_sampler(sampler_kind, num_inference_steps=5)
+    step = ptq4dm.DiffusionStep(tiny_unet, sampler).eval()
+    graph = ptq4dm.capture_step(copy.deepcopy(step), batch=3, dynamic_batch=True)
+    x, _, noise = _inputs(step, 3, 0)
+    t = torch.tensor([int(v) for v in sampler.timesteps[:3]])
+    with torch.no_grad():
+        before = graph.gm(x, t, noise)
+    linears = sum(n.target is torch.ops.aten.linear.default for n in graph.graph.nodes)
+    info = fold_time_path(graph)
+    assert info["values"] >= 2 and info["timesteps"] == 1000, info
+    assert sum(n.target is torch.ops.aten.linear.default for n in graph.graph.nodes) < linears
+    x_node, t_node = [n for n in graph.graph.nodes if n.op == "placeholder"][:2]
+    assert not any(n.target is torch.ops.aten.linear.default and t_node in _ancestors(n) and x_node not in _ancestors(n)
+                   for n in graph.graph.nodes)   # no linear computes from t alone
+    with torch.no_grad():
+        after = graph.gm(x, t, noise)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    # through lower: reported, and off with fold_time=false
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8, batch_size=8), progress=False)
+    kept = copy.deepcopy(res.graph)
+    assert ptq4dm.lower(res.graph, mixed_bf16=False)["time_path"]["values"] == info["values"]
+    assert "time_path" not in ptq4dm.lower(kept, mixed_bf16=False, fold_time=False)
+    assert not any(str(n.target).startswith("ptq4dm_tpath") for n in kept.graph.nodes if n.op == "get_attr")
+
+
+def _ancestors(node):
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), groups=st.sampled_from([1, 2, 4, 8]), per_group=st.integers(2, 12),
+       spatial=st.sampled_from([(), (5,), (3, 4), (7, 7)]), affine=st.booleans(), bf16=st.booleans(),
+       channels_last=st.booleans(), shift=st.floats(-50.0, 50.0), seed=st.integers(0, 2**31 - 1))
+def test_group_norm_cl_equals_group_norm(n, groups, per_group, spatial, affine, bf16, channels_last, shift, seed):
+    """lower{gn_channels_last}'s GroupNorm gives aten's values (fp32 rounding; bf16 inputs: within
+    one bf16 step of the output) whatever the shape, the layout, the mean (two-pass variance: a
+    large shift loses nothing) and the dtype, and returns the input's dtype."""
+    from ptq4dm.backends.x86 import GN_CL
+
+    g = torch.Generator().manual_seed(seed)
+    c = groups * per_group
+    x = torch.randn(n, c, *spatial, generator=g) * 3 + shift
+    if channels_last and len(spatial) == 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(c, generator=g), torch.randn(c, generator=g)) if affine else (None, None)
+    if bf16:
+        x = x.to(torch.bfloat16)
+    got = GN_CL(x, groups, w, b, 1e-6)
+    ref = torch.nn.functional.group_norm(x.float(), groups, w, b, 1e-6)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    tol = (2 ** -7) * (ref.abs() + 1) if bf16 else 1e-4 * (ref.abs() + 1)
+    assert ((got.float() - ref).abs() <= tol).all(), float((got.float() - ref).abs().max())
+
+
+def test_lower_rewrites_group_norms_and_keeps_the_values(tiny_unet):
+    """lower (x86) replaces every aten.group_norm by ptq4dm.group_norm_cl (gn_channels_last, the
+    default; reported in ctx.results['lower']['group_norms']) and the lowered graph, eager, gives
+    the values of the graph lowered without it within float rounding; gn_channels_last=false
+    keeps aten's."""
+    step = ptq4dm.DiffusionStep(tiny_unet, ptq4dm.make_sampler("ddim", num_inference_steps=5)).eval()
+    res = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=8, batch_size=8), progress=False)
+    plain = copy.deepcopy(res.graph)
+    n_gn = sum(n.target is torch.ops.aten.group_norm.default for n in res.graph.graph.nodes)
+    info = ptq4dm.lower(res.graph, mixed_bf16=False)
+    assert info["group_norms"] == n_gn > 0
+    assert not any(n.target is torch.ops.aten.group_norm.default for n in res.graph.graph.nodes)
+    assert "group_norms" not in ptq4dm.lower(plain, mixed_bf16=False, gn_channels_last=False)
+    assert sum(n.target is torch.ops.aten.group_norm.default for n in plain.graph.nodes) == n_gn
+    args = _inputs(step, 2, 0)
+    with torch.no_grad():
+        for a, b in zip(res.graph.gm(*args), plain.gm(*args)):
+            assert torch.allclose(a, b, atol=1e-3), float((a - b).abs().max())
