@@ -490,8 +490,9 @@ def fold_time_path(graph, max_table_bytes: int = 64 << 20) -> dict:
     before the int8 rewrite, so the tables hold the simulated values (a quantized time path's
     fake-quant included), row for row: exact in fp32 calls, for any batch of timesteps; in
     int8-mixed-bf16 calls the row is cast to the dtype of what it is added to, where autocast would
-    have run the linears in bf16 (the table's rows are the more exact). Only values with a matmul / linear / conv among their ``t``-only ancestors are
-    folded (an index into a sampler table already is a lookup). ``T`` is read from the tables the
+    have run the linears in bf16 (the table's rows are the more exact). Only values with a matmul /
+    linear / conv among their ``t``-only ancestors are folded (an index into a sampler table
+    already is a lookup). ``T`` is read from the tables the
     graph already indexes with ``t`` (the sampler's ``alphas_cumprod`` and kin); a graph without
     one, or whose tables would exceed ``max_table_bytes``, is left as it is. Each folded value is
     checked on a batch of distinct timesteps (its rows must depend on their own sample's ``t``
@@ -529,7 +530,8 @@ def fold_time_path(graph, max_table_bytes: int = 64 << 20) -> dict:
             if n.target in TIME_FOLD_OPS or any(a in heavy for a in ins):
                 heavy.add(n)
     frontier = [n for n in g.nodes if n in heavy and any(u not in t_only for u in n.users)
-                and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 1 and n.meta["val"].is_floating_point()]
+                and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 1
+                and n.meta["val"].is_floating_point()]
     if not frontier:
         return {"values": 0, "timesteps": T}
     # a graph of the t-only nodes behind the frontier: t -> the frontier values
@@ -559,13 +561,14 @@ def fold_time_path(graph, max_table_bytes: int = 64 << 20) -> dict:
     if total > max_table_bytes:
         return {"values": 0, "timesteps": T, "reason": f"tables of {total / 2**20:.0f} MiB > max_table_bytes"}
     binary = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor)
+    order = {n: i for i, n in enumerate(g.nodes)}
     done = 0
     for k, (f, tab) in enumerate(zip(frontier, tables)):
         if tab is None:
             continue
         name = f"ptq4dm_tpath_{k}"
         gm.register_buffer(name, tab)
-        first_user = min((u for u in f.users), key=lambda u: list(g.nodes).index(u))
+        first_user = min(f.users, key=order.__getitem__)
         with g.inserting_before(first_user):
             tn = g.get_attr(name)
             row = g.call_function(aten.index.Tensor, (tn, [t_node]))
