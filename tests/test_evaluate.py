@@ -69,12 +69,19 @@ def test_evaluate_small_run(tmp_path, inception_file):
     md.write_text("# R\n\n<!-- quality-table:begin -->\nold\n<!-- quality-table:end -->\n\nkept text\n")
     r = subprocess.run([sys.executable, "tools/evaluate.py", "--n", "6", "--batch", "3", "--steps", "3", "--calib-n", "4", "--calib-seed", "7",
                         "--configs", "fp,ptq4dm-w8a8", "--out-json", str(tmp_path / "q.json"), "--out-md", str(md),
-                        "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file), "--doubt-grid", str(tmp_path / "d.png"), "--int8"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                        "--grid", str(tmp_path / "g.png"), "--inception", str(inception_file), "--doubt-grid", str(tmp_path / "d.png"), "--int8", "--rounding-null"], cwd=REPO, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "q.json").read_text())
-    assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8", "ptq4dm-w8a8-int8"] and data["meta"]["complete"]
-    int8 = data["rows"][2]   # the same graph, lowered and compiled: oneDNN int8 convs and linears on the CPU
+    assert [row["config"] for row in data["rows"]] == ["fp", "ptq4dm-w8a8", "ptq4dm-w8a8-compiled", "ptq4dm-w8a8-int8"] \
+        and data["meta"]["complete"]
+    int8 = data["rows"][3]   # the same graph, lowered and compiled: oneDNN int8 convs and linears on the CPU
+    null = data["rows"][2]   # the same graph compiled as it is: float rounding alone
+    assert null["psnr_vs_fakequant"] > data["rows"][1]["psnr_vs_fp"] and len(null["fid_vs_fakequant_interval"]) == 2
+    assert "compiled (Inductor, fp32): float rounding only" in md.read_text() and "vs its fake-quant row" in md.read_text()
+    lo, hi = int8["fid_vs_rounding_null_interval"]   # the int8 row judged against the null, paired
+    assert lo <= int8["fid_vs_rounding_null"] / null["fid"] <= hi and "vs the rounding null" in md.read_text()
+    assert int8["fid"] - int8["fid_vs_rounding_null"] == pytest.approx(null["fid"])
     assert int8["lower"]["backend"] == "x86" and int8["lower"]["counts"]["qconv2d"] > 0
     assert int8["psnr_vs_fp"] > 10 and "int8 execution (x86" in md.read_text()
     # the int8 execution is its simulation's samples, closer to them than the simulation is to FP

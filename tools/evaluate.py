@@ -286,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lower-opts", default="", metavar="KEY=VALUE,...",
                    help="options of the lower pass for the --int8 rows (e.g. drop_wide=false,split16=true); "
                         "default: its defaults")
+    p.add_argument("--rounding-null", action="store_true",
+                   help="after each quantized configuration, a row for the same fake-quant graph through torch.compile "
+                        "(Inductor, fp32): the same arithmetic with another float rounding, so its distance from the "
+                        "fake-quant row is what float rounding alone moves the samples and the FID (the null an "
+                        "--int8 row is judged against: docs/results/details.md)")
     p.add_argument("--doubt-grid", default=None, metavar="PNG",
                    help="also draw the FP samples the classifier is least sure of, beside confident ones and the "
                         "least sure real digits, each captioned with its predicted digit and confidence")
@@ -420,6 +425,14 @@ def main(argv: list[str] | None = None) -> int:
         if inception is not None:
             lines[-2] += " Inception FID | Inception IS |"
             lines[-1] += "---|---|"
+        derived = any("fid_vs_fakequant_interval" in r for r in rows)   # --int8 / --rounding-null rows
+        if derived:
+            lines[-2] += " vs its fake-quant row [~90%] |"
+            lines[-1] += "---|"
+        vs_null = any("fid_vs_rounding_null_interval" in r for r in rows)   # --int8 with --rounding-null
+        if vs_null:
+            lines[-2] += " vs the rounding null [~90%] |"
+            lines[-1] += "---|"
         for r in rows:
             ps = "—" if r["psnr_vs_fp"] is None else f"{r['psnr_vs_fp']:.2f}"
             ch = "—" if r.get("label_changed_vs_fp") is None else f"{r['label_changed_vs_fp']:.3f}"
@@ -428,10 +441,23 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("fid_vs_fp_interval"):
                 lo, hi = r["fid_vs_fp_interval"]
                 vs += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            own = ""
+            if derived:
+                own = " — |"
+                if "fid_vs_fakequant_interval" in r:
+                    base = r["fid"] - r["fid_vs_fakequant"]
+                    lo, hi = r["fid_vs_fakequant_interval"]
+                    own = f" {100 * r['fid_vs_fakequant'] / base:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}] |"
+            if vs_null:
+                own += " — |"
+                if "fid_vs_rounding_null_interval" in r:
+                    lo, hi = r["fid_vs_rounding_null_interval"]
+                    rel = r["fid_vs_rounding_null"] / (r["fid"] - r["fid_vs_rounding_null"])
+                    own = own[:-len(" — |")] + f" {100 * rel:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}] |"
             lines.append(f"| {r['label']} | {r['fid']:.3f} | {vs} | {r['sfid']:.3f} | "
-                         f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} | {ch} |" + incep)
+                         f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} | {ch} |" + incep + own)
         if not final:
-            lines.append(f"\n(partial: {len(rows)} of {len(configs)} configurations so far; the run was still going or was stopped)")
+            lines.append(f"\n(partial: {len(rows)} of {len(runs)} rows so far; the run was still going or was stopped)")
         table = "\n".join(lines)
         md = Path(args.out_md)
         begin, end = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
@@ -448,15 +474,23 @@ def main(argv: list[str] | None = None) -> int:
         return {"inception_fid": frechet_distance(st["feat"], real_inc["feat"]),
                 "inception_is": inception_score_from_probs(st["probs"])}
 
-    runs = [(c, False) for c in configs]
-    if args.int8:
-        runs = [r for c in configs for r in ([(c, False)] + ([(c, True)] if c.name != "fp" else []))]
-        configs = [c for c, _ in runs]
+    # each quantized configuration: its fake-quant row, then (--rounding-null) the same graph compiled in
+    # fp32, then (--int8) its lowered execution (lowering rewrites the graph, so it comes last)
+    extra = (["compiled"] if args.rounding_null else []) + (["int8"] if args.int8 else [])
+    runs = [r for c in configs for r in ([(c, None)] + ([(c, m) for m in extra] if c.name != "fp" else []))]
     rows, samples, labels, feats, shown = [], {}, {}, {}, []
     res = None
-    for cfg, int8 in runs:
+    for cfg, mode in runs:
         t0 = time.perf_counter()
-        if int8:   # the graph just sampled as fake-quant, lowered and compiled
+        int8 = mode == "int8"
+        if mode == "compiled":   # the graph just sampled as fake-quant, compiled as it is (float rounding only)
+            fn = torch.compile(res.graph.gm)
+            cfg = dataclasses.replace(cfg, name=cfg.name + "-compiled", label=cfg.label + " — the fake-quant graph "
+                                      "compiled (Inductor, fp32): float rounding only")
+            with torch.no_grad():
+                x = draw(fn, cfg.name)
+            qinfo = {}
+        elif int8:   # the graph just sampled as fake-quant, lowered and compiled
             info = ptq4dm.lower(res.graph, **args.lower_opts)
             fn = ptq4dm.compile_step(res.graph)
             cfg = dataclasses.replace(cfg, name=cfg.name + "-int8", label=cfg.label + f" — int8 execution ({info['backend']}"
@@ -497,15 +531,27 @@ def main(argv: list[str] | None = None) -> int:
             row["unconfident_by_predicted_digit"] = torch.bincount(pred[conf < 0.9], minlength=10).tolist()
             if args.doubt_grid and main_rank:
                 grid_png(doubt_rows(x, s["logits"].softmax(1), real, real_probs), Path(args.doubt_grid))
-        if int8:   # the int8 execution against the fake-quant graph it was lowered from, sample by sample
-            parent = cfg.name[: -len("-int8")]
+        if mode is not None:   # the execution against the fake-quant graph it came from, sample by sample
+            parent = cfg.name.rsplit("-", 1)[0]
             row.update({"psnr_vs_fakequant": psnr(x, samples[parent]),
                         "label_changed_vs_fakequant": float((pred != labels[parent]).float().mean()),
-                        "fid_vs_fakequant": row["fid"] - rows[-1]["fid"],
+                        "fid_vs_fakequant": row["fid"] - next(r["fid"] for r in rows if r["config"] == parent),
                         "fid_vs_fakequant_interval": fid_change_interval(s["feat"], feats[parent], real_stats["feat"])})
             if main_rank:
                 print(f"{cfg.name:<26} vs its fake-quant row: PSNR {row['psnr_vs_fakequant']:.2f} dB, digit differs "
                       f"{row['label_changed_vs_fakequant']:.3f}, FID {row['fid_vs_fakequant']:+.3f}", flush=True)
+            null = parent + "-compiled"
+            if int8 and null in feats:   # against the rounding null: both are re-executions of one graph
+                null_fid = next(r["fid"] for r in rows if r["config"] == null)
+                row.update({"psnr_vs_rounding_null": psnr(x, samples[null]),
+                            "label_changed_vs_rounding_null": float((pred != labels[null]).float().mean()),
+                            "fid_vs_rounding_null": row["fid"] - null_fid,
+                            "fid_vs_rounding_null_interval": fid_change_interval(s["feat"], feats[null], real_stats["feat"])})
+                if main_rank:
+                    lo, hi = row["fid_vs_rounding_null_interval"]
+                    print(f"{cfg.name:<26} vs the rounding null ({null}): PSNR {row['psnr_vs_rounding_null']:.2f} dB, "
+                          f"digit differs {row['label_changed_vs_rounding_null']:.3f}, FID "
+                          f"{100 * row['fid_vs_rounding_null'] / null_fid:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]", flush=True)
         samples[cfg.name], labels[cfg.name], feats[cfg.name] = x, pred, s["feat"]
         shown.append(cfg)
         rows.append(row)

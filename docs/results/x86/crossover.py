@@ -36,7 +36,7 @@ for v in a.variants.split(","):
     base, *extra = v.split(":")
     cpp = "cpp" in extra
     opts = dict(e.split("=") for e in extra if "=" in e)   # lower options, e.g. mixed:cpp:split16=false
-    opts = {k: (w == "true") if w in ("true", "false") else int(w) for k, w in opts.items()}
+    opts = {k: (w == "true") if w in ("true", "false") else int(w) if w.isdigit() else w for k, w in opts.items()}
     t0 = time.time()
     with torch.no_grad():
         if base == "bf16":
