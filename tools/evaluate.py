@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     table = write_outputs(rows, final=True)
     if not main_rank:
         return 0
-    grid_rows = [(c.label[:38], samples[c.name][:16]) for c in shown]
+    # a label that does not fit names its row by config (the derived rows differ only at the label's end)
+    grid_rows = [(c.label if len(c.label) <= 38 else c.name, samples[c.name][:16]) for c in shown]
     grid_png(grid_rows, Path(args.grid))
     print(f"\nwrote {args.out_json}, {args.out_md}, {args.grid}" + (f", {args.doubt_grid}" if args.doubt_grid else ""))
     print(table)
