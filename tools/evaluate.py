@@ -246,6 +246,16 @@ def doubt_rows(x: torch.Tensor, probs: torch.Tensor, real: torch.Tensor, real_pr
             (f"real digits, least sure of {real.shape[0]}", *pick(real, real_probs, real_least))]
 
 
+def _change_cell(row: dict, key: str) -> str:
+    """A derived row's FID change against its reference (``key``: the absolute difference, and
+    ``key + "_interval"``: the relative change's ~90% interval), as "+1.5% [-6.1, +9.1]"; "—" where
+    the row has none."""
+    if f"{key}_interval" not in row:
+        return "—"
+    lo, hi = row[f"{key}_interval"]
+    return f"{100 * row[key] / (row['fid'] - row[key]):+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", "--n", dest="n", type=int, default=200,
@@ -441,19 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("fid_vs_fp_interval"):
                 lo, hi = r["fid_vs_fp_interval"]
                 vs += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-            own = ""
-            if derived:
-                own = " — |"
-                if "fid_vs_fakequant_interval" in r:
-                    base = r["fid"] - r["fid_vs_fakequant"]
-                    lo, hi = r["fid_vs_fakequant_interval"]
-                    own = f" {100 * r['fid_vs_fakequant'] / base:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}] |"
-            if vs_null:
-                own += " — |"
-                if "fid_vs_rounding_null_interval" in r:
-                    lo, hi = r["fid_vs_rounding_null_interval"]
-                    rel = r["fid_vs_rounding_null"] / (r["fid"] - r["fid_vs_rounding_null"])
-                    own = own[:-len(" — |")] + f" {100 * rel:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}] |"
+            own = "".join(f" {_change_cell(r, key)} |" for key, on in (("fid_vs_fakequant", derived),
+                                                                       ("fid_vs_rounding_null", vs_null)) if on)
             lines.append(f"| {r['label']} | {r['fid']:.3f} | {vs} | {r['sfid']:.3f} | "
                          f"{r['is']:.3f} | {r['confident_frac']:.3f} | {ps} | {ch} |" + incep + own)
         if not final:
