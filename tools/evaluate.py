@@ -532,25 +532,21 @@ def main(argv: list[str] | None = None) -> int:
                 grid_png(doubt_rows(x, s["logits"].softmax(1), real, real_probs), Path(args.doubt_grid))
         if mode is not None:   # the execution against the fake-quant graph it came from, sample by sample
             parent = cfg.name.rsplit("-", 1)[0]
-            row.update({"psnr_vs_fakequant": psnr(x, samples[parent]),
-                        "label_changed_vs_fakequant": float((pred != labels[parent]).float().mean()),
-                        "fid_vs_fakequant": row["fid"] - next(r["fid"] for r in rows if r["config"] == parent),
-                        "fid_vs_fakequant_interval": fid_change_interval(s["feat"], feats[parent], real_stats["feat"])})
-            if main_rank:
-                print(f"{cfg.name:<26} vs its fake-quant row: PSNR {row['psnr_vs_fakequant']:.2f} dB, digit differs "
-                      f"{row['label_changed_vs_fakequant']:.3f}, FID {row['fid_vs_fakequant']:+.3f}", flush=True)
+            def versus(ref: str, key: str) -> dict:   # this row against the row ``ref``, sample by sample
+                return {f"psnr_vs_{key}": psnr(x, samples[ref]),
+                        f"label_changed_vs_{key}": float((pred != labels[ref]).float().mean()),
+                        f"fid_vs_{key}": row["fid"] - next(r["fid"] for r in rows if r["config"] == ref),
+                        f"fid_vs_{key}_interval": fid_change_interval(s["feat"], feats[ref], real_stats["feat"])}
+
+            row.update(versus(parent, "fakequant"))
             null = parent + "-compiled"
             if int8 and null in feats:   # against the rounding null: both are re-executions of one graph
-                null_fid = next(r["fid"] for r in rows if r["config"] == null)
-                row.update({"psnr_vs_rounding_null": psnr(x, samples[null]),
-                            "label_changed_vs_rounding_null": float((pred != labels[null]).float().mean()),
-                            "fid_vs_rounding_null": row["fid"] - null_fid,
-                            "fid_vs_rounding_null_interval": fid_change_interval(s["feat"], feats[null], real_stats["feat"])})
-                if main_rank:
-                    lo, hi = row["fid_vs_rounding_null_interval"]
-                    print(f"{cfg.name:<26} vs the rounding null ({null}): PSNR {row['psnr_vs_rounding_null']:.2f} dB, "
-                          f"digit differs {row['label_changed_vs_rounding_null']:.3f}, FID "
-                          f"{100 * row['fid_vs_rounding_null'] / null_fid:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]", flush=True)
+                row.update(versus(null, "rounding_null"))
+            if main_rank:
+                for ref, key in ((parent, "fakequant"), (null, "rounding_null")):
+                    if f"fid_vs_{key}" in row:
+                        print(f"{cfg.name:<26} vs {ref}: PSNR {row[f'psnr_vs_{key}']:.2f} dB, digit differs "
+                              f"{row[f'label_changed_vs_{key}']:.3f}, FID {_change_cell(row, f'fid_vs_{key}')}", flush=True)
         samples[cfg.name], labels[cfg.name], feats[cfg.name] = x, pred, s["feat"]
         shown.append(cfg)
         rows.append(row)
