@@ -11,6 +11,13 @@ and snap to the nearest timestep the sampler actually uses (respacing included).
 x_T ~ N(0, I), run the *full-precision* sampler, and keep the sample's x_t at its drawn step:
 exactly the (x_t, t) pair the sampler feeds the UNet at inference. The chain of a batch stops
 at the last step any of its samples needs.
+
+``per_chain = K`` (NDTC and Uniform; ours, not the paper's): K consecutive samples share one chain, each
+at its own drawn step, so the set has n samples from n / K chains. Every step is still drawn from the
+same distribution (the set's marginal over t is unchanged); only the samples of one chain are no
+longer independent. A batch's chain runs to its last needed step either way, so K samples per chain
+cost about 1 / K of the chains' compute: the lever for the large sets that ``reconstruct`` learns
+4-bit rounding on (Q-Diffusion also takes many timesteps from each of its calibration chains).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class NDTC:
     batch_size: int = 128
     seed: int = 0
     kind: str = "ndtc"
+    per_chain: int = 1   # samples taken from one chain (each at its own drawn step); ours, the paper: 1
 
     def validate(self) -> None:
         if not 0.0 <= self.mu <= 1.0:
@@ -63,6 +71,7 @@ class Uniform:
     batch_size: int = 128
     seed: int = 0
     kind: str = "uniform"
+    per_chain: int = 1   # samples taken from one chain, as NDTC.per_chain
 
     def validate(self) -> None:
         _check_n(self)
@@ -114,6 +123,10 @@ def _check_n(c) -> None:
         raise ValueError(f"calibration needs n >= 1 samples, got {c.n}")
     if c.batch_size < 1:
         raise ValueError(f"calibration batch_size must be >= 1, got {c.batch_size}")
+    k = getattr(c, "per_chain", 1)
+    if k < 1 or c.batch_size % k:
+        raise ValueError(f"calibration per_chain must be >= 1 and divide batch_size (a chain's samples stay in one "
+                         f"batch); got per_chain={k}, batch_size={c.batch_size}")
 
 
 @dataclass
@@ -148,7 +161,10 @@ def snap_to_sampler(t_cont: torch.Tensor, sampler) -> torch.Tensor:
 
 
 def cache_key(model_hash: str, sampler_cfg: dict, calib) -> str:
-    blob = json.dumps({"model": model_hash, "sampler": sampler_cfg, "calib": asdict(calib), "v": 2}, sort_keys=True)
+    cfg = asdict(calib)
+    if cfg.get("per_chain") == 1:   # the sets cached before per_chain existed keep their keys
+        del cfg["per_chain"]
+    blob = json.dumps({"model": model_hash, "sampler": sampler_cfg, "calib": cfg, "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -181,6 +197,7 @@ def make_calibration_set(fp_step: Callable, sampler, calib, shape: tuple[int, ..
     gen = torch.Generator().manual_seed(calib.seed)
     steps = snap_to_sampler(calib.draw(sampler, gen), sampler)
     C = shape[1:]
+    per_chain = getattr(calib, "per_chain", 1)
     batches = [steps[i:i + calib.batch_size] for i in range(0, calib.n, calib.batch_size)]
     mine = dist.my_batches(batches)
 
@@ -197,7 +214,9 @@ def make_calibration_set(fp_step: Callable, sampler, calib, shape: tuple[int, ..
         for b, bsteps in mine:
             g = torch.Generator().manual_seed(dist.batch_seed(calib.seed, b))
             nb = bsteps.numel()
-            x = torch.randn((nb, *C), generator=g)
+            chain = torch.arange(nb) // per_chain   # the chain each sample of the batch is taken from
+            nc = int(chain[-1]) + 1
+            x = torch.randn((nc, *C), generator=g)
             if calib.kind == "random":
                 out[b] = x
                 if bar:
@@ -208,10 +227,10 @@ def make_calibration_set(fp_step: Callable, sampler, calib, shape: tuple[int, ..
             for i, t_val in enumerate(sampler.timesteps[: last + 1].tolist()):
                 hit = bsteps == i
                 if hit.any():
-                    xb[hit] = x[hit].cpu()
+                    xb[hit] = x[chain[hit]].cpu()
                 if i == last:
                     break
-                t = torch.full((nb,), t_val, dtype=torch.long)
+                t = torch.full((nc,), t_val, dtype=torch.long)
                 noise = torch.randn(x.shape, generator=g)
                 x = fp_step(x.to(device), t.to(device), noise.to(device))[0].float().cpu()
                 if bar:

@@ -35,21 +35,37 @@ def test_ndtc_bad_parameters():
         assert any(w in str(e.value) for w in ("mu", "sigma", "n >=", "t_frac"))
 
 
-@pytest.mark.parametrize("kind,kw", [("ddpm", dict(num_inference_steps=20)), ("ddim", dict(num_inference_steps=25, eta=0.0)),
-                                     ("ddim", dict(num_inference_steps=10, eta=1.0))])
-def test_calibration_pairs_equal_the_samplers_real_inputs(tiny_unet, kind, kw):
+@pytest.mark.parametrize("kind,kw,per_chain", [("ddpm", dict(num_inference_steps=20), 1),
+                                               ("ddim", dict(num_inference_steps=25, eta=0.0), 1),
+                                               ("ddim", dict(num_inference_steps=10, eta=1.0), 1),
+                                               ("ddpm", dict(num_inference_steps=20), 3),
+                                               ("ddim", dict(num_inference_steps=10, eta=1.0), 4)])
+def test_calibration_pairs_equal_the_samplers_real_inputs(tiny_unet, kind, kw, per_chain):
     """The (x_t, t) pairs calibration records are the very inputs the sampler feeds the UNet,
-    respacing included (the reference code's off-by-direction bug would fail this)."""
-    step = DiffusionStep(tiny_unet, make_sampler(kind, **kw)).eval()
-    calib = NDTC(n=12, batch_size=12, seed=3)
+    respacing included (the reference code's off-by-direction bug would fail this); with
+    ``per_chain`` K, K consecutive samples are taken from one chain at their own drawn steps, the
+    same steps as with one sample per chain, for 1 / K of the chains' UNet calls."""
+    calls = []
+
+    class Counting(DiffusionStep):
+        def forward(self, x, t, noise):
+            calls.append(x.shape[0])
+            return super().forward(x, t, noise)
+
+    step = Counting(tiny_unet, make_sampler(kind, **kw)).eval()
+    calib = NDTC(n=12, batch_size=12, seed=3, per_chain=per_chain)
     cs = make_calibration_set(step, step.sampler, calib, (12, 1, 8, 8), progress=False)
     assert set(cs.t.tolist()) <= set(step.sampler.timesteps.tolist())
+    rows, calls[:] = sum(calls), []
+    one = make_calibration_set(step, step.sampler, NDTC(n=12, batch_size=12, seed=3), (12, 1, 8, 8), progress=False)
+    assert torch.equal(cs.t, one.t) and cs.x.shape == one.x.shape
+    assert rows * per_chain == sum(calls) > 0   # 12 / K chains over the same steps as 12 chains
     # Replay: the timesteps come from the seed; batch 0 (all 12) draws x_T, then each step's
     # noise, from its own generator (distributed.batch_seed), whichever rank runs it.
     from ptq4dm.distributed import batch_seed
 
     g = torch.Generator().manual_seed(batch_seed(calib.seed, 0))
-    x_T = torch.randn((12, 1, 8, 8), generator=g)
+    x_T = torch.randn((12 // per_chain, 1, 8, 8), generator=g)
     seen = {}
     with torch.no_grad():
         for i, t, x, _ in trajectory(step, step.sampler, x_T, g):
@@ -57,8 +73,8 @@ def test_calibration_pairs_equal_the_samplers_real_inputs(tiny_unet, kind, kw):
     for j in range(12):
         i = int(cs.step[j])
         x_ref, t_ref = seen[i]
-        assert int(cs.t[j]) == int(t_ref[j]) == int(step.sampler.timesteps[i])
-        assert torch.equal(cs.x[j], x_ref[j])
+        assert int(cs.t[j]) == int(t_ref[j // per_chain]) == int(step.sampler.timesteps[i])
+        assert torch.equal(cs.x[j], x_ref[j // per_chain])
 
 
 def test_baselines_and_cache(tiny_unet, tmp_path):

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration samples (paper: 1024); under torchrun write --calib-n (torchrun's own parser "
                         "rejects --n as ambiguous)")
     c.add_argument("--calib-batch", type=int, default=128)
+    c.add_argument("--calib-per-chain", type=int, default=1, metavar="K",
+                   help="samples taken from one calibration chain, each at its own drawn step (ndtc / uniform; "
+                        "default 1, the paper's); K times the samples for the chains' compute, for the large "
+                        "sets reconstruct learns on; K must divide --calib-batch")
     c.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where calibration sets are cached (default .cache/calibration in the repository)")
     c.add_argument("--seed", type=int, default=0)
@@ -217,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         sampler = (ptq4dm.make_sampler("ddim", eta=args.eta, **kw) if args.sampler == "ddim"
                    else ptq4dm.make_sampler("ddpm", variance_type=args.variance, **kw))
         step = ptq4dm.DiffusionStep(unet, sampler).eval()
-        calib = {"ndtc": NDTC(mu=args.mu, sigma=args.sigma, n=args.n, batch_size=args.calib_batch, seed=args.seed),
-                 "uniform": Uniform(n=args.n, batch_size=args.calib_batch, seed=args.seed),
+        k = args.calib_per_chain
+        if k != 1 and args.calibration not in ("ndtc", "uniform"):
+            raise SystemExit(f"--calib-per-chain {k} needs --calibration ndtc or uniform (the {args.calibration} "
+                             f"calibration has no chain to take several samples from)")
+        calib = {"ndtc": NDTC(mu=args.mu, sigma=args.sigma, n=args.n, batch_size=args.calib_batch, seed=args.seed,
+                              per_chain=k),
+                 "uniform": Uniform(n=args.n, batch_size=args.calib_batch, seed=args.seed, per_chain=k),
                  "single": Single(n=args.n, batch_size=args.calib_batch, seed=args.seed),
                  "random": RandomNoise(n=args.n, batch_size=args.calib_batch, seed=args.seed)}[args.calibration]
         calib.validate()
