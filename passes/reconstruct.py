@@ -21,6 +21,14 @@ output, so that one layer's rounding can make up for another's; the activation q
 the block stay on, with a straight-through gradient. Layers in no such block (the down / up
 sampling convs, ...) are reconstructed on their own, as in the layer-wise form.
 
+Restarts (``restarts=k``, ours): at 4 bits the learned rounding's outcome over a sampling chain is a
+lottery that the one-step loss does not see (on the default model, DDPM-100, the minibatch seed alone
+moved the samples' PSNR from FP by 4 dB while the calibration loss moved by 1%). So ``k`` reconstructions
+with seeds ``seed .. seed + k - 1`` start from the same nearest rounding, each is judged by
+``select_samples`` held-out chains of the graph's sampler (from ``select_seed``; the quantized step
+against the float one from the same x_T and noise, PSNR of x_0), and the best one is kept. ``k`` times
+the cost, plus the chains.
+
 Memory: one layer (block) at a time. Its quantized inputs and float outputs on the ``n``
 calibration samples are recomputed by running the graph up to that layer (nothing is cached on
 disk), so memory is the inputs and outputs of one layer (block) over ``n`` samples (about 100 MB
@@ -184,8 +192,78 @@ class Reconstruct:
     network_lr: float = 1e-2  # Adam's step on V in the network phase (it starts from the layer-wise codes)
     network_reg: float = 0.01  # the network phase's regulariser, on the mean over weights (its loss: the output's MSE)
     seed: int = 0
+    restarts: int = 1       # > 1: that many reconstructions (seeds seed, seed + 1, ...), the one whose held-out chain lands closest to FP kept
+    select_samples: int = 64  # the held-out chains' samples (restarts > 1)
+    select_seed: int = 987_654_321  # their sampling seed: keep it away from the seeds the result is judged on
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
+        if self.restarts < 1 or self.select_samples < 1:
+            raise ValueError(f"reconstruct: restarts and select_samples must be >= 1, got restarts={self.restarts}, "
+                             f"select_samples={self.select_samples}")
+        if self.restarts == 1:
+            return self._run(graph, ctx)
+        self._restart(graph, ctx)
+
+    def _restart(self, graph: StepGraph, ctx: PassContext) -> None:
+        """``restarts`` reconstructions from the same nearest-rounding start, each with its own seed (its
+        minibatch order), judged on what the one-step loss does not see: ``select_samples`` chains of the
+        graph's sampler from ``select_seed``, the quantized step against the float step from the same x_T and
+        noise (PSNR of x_0). The best one's codes and scales are kept. Measured on the default model (DDPM-100,
+        4-bit weights): the seed alone moved the samples' PSNR from FP by 4 dB while the calibration loss
+        moved by 1% (docs/results/details.md, "4-bit weights: a lottery")."""
+        import copy
+        import dataclasses
+
+        from ptq4dm.models.metrics import psnr
+        from ptq4dm.models.step import sample
+
+        fp_step, sampler = ctx.options.get("fp_step"), graph.meta.get("sampler")
+        if fp_step is None or sampler is None:
+            raise ValueError("reconstruct{restarts>1} judges each restart on held-out chains: it needs "
+                             "ctx.options['fp_step'] and graph.meta['sampler'] (ptq4dm.quantize sets both)")
+        gm, qparams = graph.gm, graph.meta["qparams"]
+        names = [str(n.target) for n in graph.graph.nodes if n.op == "get_attr" and FLOAT_WEIGHT in n.meta]
+        save = lambda: ({k: _attr(gm, k).detach().clone() for k in names}, copy.deepcopy(dict(qparams)))
+
+        def load(state) -> None:
+            bufs, qps = state
+            with torch.no_grad():
+                for k, v in bufs.items():
+                    _attr(gm, k).copy_(v)
+            qparams.clear()
+            qparams.update(copy.deepcopy(qps))
+
+        ex = graph.example_inputs[0]
+        b = int(ex.shape[0])
+        m = self.select_samples if graph.dynamic_batch else -(-self.select_samples // b) * b
+        shapes = [(k, *ex.shape[1:]) for k in ([m] if graph.dynamic_batch else [b] * (m // b))]
+
+        def chains(step_fn) -> torch.Tensor:
+            return torch.cat([sample(step_fn, sampler, sh, seed=self.select_seed + i, device=ex.device).float().cpu()
+                              for i, sh in enumerate(shapes)])
+
+        start, ref = save(), chains(fp_step)
+        tries, best = [], None
+        it = range(self.restarts)
+        if ctx.progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="reconstruct (restarts)", unit="restart", leave=False)
+        for r in it:
+            load(start)
+            one = dataclasses.replace(self, seed=self.seed + r, restarts=1)
+            one._run(graph, ctx)
+            score = psnr(chains(graph), ref)
+            tries.append({"seed": self.seed + r, "psnr": score, "error_after": ctx.results["reconstruct"]["error_after"]})
+            if best is None or score > best[0]:
+                best = (score, save(), ctx.results["reconstruct"])
+            if ctx.progress:
+                it.set_postfix(psnr=f"{score:.2f}", best=f"{best[0]:.2f}")
+        load(best[1])
+        ctx.results["reconstruct"] = {**best[2], "restarts": tries, "chosen_seed": max(tries, key=lambda t: t["psnr"])["seed"],
+                                      "select_samples": m, "select_seed": self.select_seed}
+
+    def _run(self, graph: StepGraph, ctx: PassContext) -> None:
         cs = calibration_before_bias_correct(graph, ctx, "reconstruct", "the corrected bias is fitted to the "
                                              "final weights")
         if (self.iters < 0 or (self.iters == 0 and self.network < 1) or self.network < 0 or self.batch_size < 1

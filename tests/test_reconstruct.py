@@ -190,3 +190,26 @@ def test_network_phase_learns_every_rounding_against_the_unet_output(pair):
     with pytest.raises(ValueError, match="network"):
         ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{network=-1}", calibration=NDTC(n=16),
                         progress=False)
+
+
+def test_restarts_keep_the_reconstruction_whose_held_out_chains_land_closest_to_fp(pair):
+    """reconstruct{restarts=k}: k reconstructions (seeds seed .. seed + k - 1), each judged by the PSNR from
+    FP of held-out chains; the graph keeps the best one's codes and scales: exactly what a single
+    reconstruction with the chosen seed gives."""
+    step, _, _ = pair
+    kw = dict(calibration=NDTC(n=32), policy=W4, progress=False)
+    rec = ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{iters=30,batch_size=16,n=24,scales=true,"
+                          "restarts=3,select_samples=4,seed=5}", **kw)
+    rc = rec.report.reconstruct
+    tries = rc["restarts"]
+    assert [t["seed"] for t in tries] == [5, 6, 7]
+    assert rc["chosen_seed"] == max(tries, key=lambda t: t["psnr"])["seed"]
+    assert len({round(t["psnr"], 6) for t in tries}) > 1   # the seeds do reach different roundings
+    alone = ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{iters=30,batch_size=16,n=24,scales=true,"
+                            f"seed={rc['chosen_seed']}}}", **kw)
+    got, want = _weights(rec), _weights(alone)
+    for key in want:
+        assert torch.equal(got[key][0], want[key][0]), key
+        assert torch.equal(got[key][2].scale, want[key][2].scale), key
+    with pytest.raises(ValueError, match="restarts"):
+        ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{restarts=0}", **kw)

@@ -109,10 +109,19 @@ CONFIGS = [
            preset="recommended", weight_bits=4,
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
                   "reconstruct{scales=true},bias_correct{groups=10}"),
+    # ... reconstruct learning on every calibration sample (n=0) instead of 256 of them (the lever for large sets)
+    Config("w4a8-reconstruct-scales-all", "W4A8 recommended preset + reconstruct (rounding and scales) on every "
+           "calibration sample", preset="recommended", weight_bits=4,
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
+                  "reconstruct{scales=true,n=0},bias_correct{groups=10}"),
     Config("mixed5-reconstruct-scales", "W4/8 mixed, <= 5 bits per weight + reconstruct (rounding and scales), A8 "
            "recommended", preset="recommended",
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
                   "reconstruct{scales=true},bias_correct{groups=10}"),
+    Config("mixed5-reconstruct-scales-all", "W4/8 mixed, <= 5 bits per weight + reconstruct (rounding and scales) on "
+           "every calibration sample, A8 recommended", preset="recommended",
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+                  "reconstruct{scales=true,n=0},bias_correct{groups=10}"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),
@@ -146,6 +155,10 @@ CONFIGS = [
 ]
 # the paper's baselines with the default model's pipeline (bias_correct{groups=10} after fakequant):
 # only the calibration / outputs / bits differ from ptq4dm-w8a8-bc-g10
+# ... four reconstructions (seeds 0-3), the one whose 64 held-out chains land closest to FP kept (reconstruct's restarts)
+CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-restarts"), label=c.label + ", best of 4 restarts",
+                                passes=c.passes.replace("reconstruct{scales=true,n=0}", "reconstruct{scales=true,n=0,restarts=4}"))
+            for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
 CONFIGS += [dataclasses.replace(c, name=c.name + "-bc-g10", label=c.label + " + bias corr. 1/10", bias_correct=True,
                                 bias_groups=10)
             for c in CONFIGS if c.name in ("uniform-w8a8", "single-w8a8", "random-w8a8", "ptq4dm-w8a8-fp-outputs",
@@ -168,7 +181,7 @@ def policy_for(cfg: Config, steps: int):
 
 
 def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int, mu: float = 0.4,
-                    sigma: float = 0.5, cache_dir=None):
+                    sigma: float = 0.5, cache_dir=None, per_chain: int = 1):
     """``ptq4dm.quantize`` ``step`` as configuration ``cfg`` says: its calibration, solver and policy."""
     import ptq4dm
     from ptq4dm.passes import DEFAULT_PIPELINE, MSE, NDTC, MinMax, RandomNoise, Single, Uniform
@@ -177,11 +190,12 @@ def quantize_config(step, cfg: Config, steps: int, calib_n: int, calib_seed: int
         from ptq4dm.passes import PRESETS
 
         own = cfg.passes or cfg.weight_bits != 8 or cfg.policy_overrides
-        return ptq4dm.quantize(step, calibration=NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
+        return ptq4dm.quantize(step, calibration=NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed,
+                                                      per_chain=per_chain),
                                pipeline=cfg.passes or cfg.preset, policy=policy_for(cfg, steps) if own else None,
                                cache_dir=cache_dir)
-    calib = {"ndtc": lambda: NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed),
-             "uniform": lambda: Uniform(n=calib_n, seed=calib_seed), "single": lambda: Single(n=calib_n, seed=calib_seed),
+    calib = {"ndtc": lambda: NDTC(mu=mu, sigma=sigma, n=calib_n, seed=calib_seed, per_chain=per_chain),
+             "uniform": lambda: Uniform(n=calib_n, seed=calib_seed, per_chain=per_chain), "single": lambda: Single(n=calib_n, seed=calib_seed),
              "random": lambda: RandomNoise(n=calib_n, seed=calib_seed)}[cfg.calibration]()
     solver = MSE(p=cfg.solver_p) if cfg.solver == "mse" else MinMax(p=cfg.solver_p)
     pipeline = DEFAULT_PIPELINE
@@ -267,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large"],
                    help="DDPM variance, --sampler ddpm only (default fixed_small)")
     p.add_argument("--calib-n", type=int, default=256, help="calibration samples (paper: 1024)")
+    p.add_argument("--calib-per-chain", type=int, default=1, metavar="K",
+                   help="calibration samples taken from one chain, each at its own drawn step (NDTC / uniform "
+                        "calibration; default 1, the paper's: one per chain); K chains' worth of samples for the "
+                        "compute of one, for large sets (K must divide 128, the chains' batch)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where calibration sets are cached (default .cache/calibration in the repository)")
     p.add_argument("--mu", type=float, default=0.4)
@@ -418,14 +436,14 @@ def main(argv: list[str] | None = None) -> int:
         command = "python tools/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:])
         meta = {"world_size": distributed.world_size(), "date": datetime.date.today().isoformat(), "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
                 "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "ptq4dm": ptq4dm.__version__,
-                "real_confident_frac": real_confident, "sampler": sampler.config(), "calib_n": args.calib_n, "seed": args.seed, "calib_seed": cs, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
+                "real_confident_frac": real_confident, "sampler": sampler.config(), "calib_n": args.calib_n, "calib_per_chain": args.calib_per_chain, "seed": args.seed, "calib_seed": cs, "mu": args.mu, "sigma": args.sigma, "command": command, "complete": final, "model": model}
         atomic_write_json(args.out_json, {"meta": meta, "rows": rows})
         steps = f"{model['train_steps']:,} training steps, " if model["train_steps"] else ""
         sampler_opt = f"eta {args.eta}" if args.sampler == "ddim" else f"{args.variance} variance"
         lines = [f"Date {meta['date']}, device {meta['device']} ({meta['cpu']}), torch {meta['torch']}, ptq4dm {meta['ptq4dm']}.",
                  f"Model `{model['weights']}` ({steps}weights sha256 {model['weights_sha256']}).",
                  f"Sampler {args.sampler} {args.steps} steps ({sampler_opt}); N = {args.n} samples per row from the same seeds; "
-                 f"seed {args.seed}, calibration N = {args.calib_n}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).",
+                 f"seed {args.seed}, calibration N = {args.calib_n}{f' ({args.calib_per_chain} per chain)' if args.calib_per_chain > 1 else ''}, seed {cs} (NDTC mu = {args.mu} T, sigma = {args.sigma} T).",
                  f"Real digits (all {real.shape[0]:,}) classified with confidence >= 0.9 by the same classifier: {real_confident:.3f}.",
                  "vs FP: the FID change; in brackets how far it moves with the sample set (paired random halves of the "
                  "N samples, scaled to N); another calibration draw moves a quantized row further.", "",
@@ -505,12 +523,17 @@ def main(argv: list[str] | None = None) -> int:
                 x = draw(step, cfg.name)
             qinfo = {}
         else:
-            res = quantize_config(step, cfg, args.steps, args.calib_n, cs, args.mu, args.sigma, cache)
+            res = quantize_config(step, cfg, args.steps, args.calib_n, cs, args.mu, args.sigma, cache,
+                                  per_chain=args.calib_per_chain)
             tq = time.perf_counter() - t0
             with torch.no_grad():
                 x = draw(res.graph, cfg.name)
             qinfo = {"tensors": len(res.report.tensors), "total_error": res.report.total_error,
                      "total_error_minmax": res.report.total_error_minmax, "quantize_seconds": tq}
+            rc = getattr(res.report, "reconstruct", None) or {}
+            if "restarts" in rc:   # reconstruct{restarts=k}: each restart's held-out PSNR, the one kept
+                qinfo["reconstruct_restarts"] = rc["restarts"]
+                qinfo["reconstruct_chosen_seed"] = rc["chosen_seed"]
         s = classifier_stats(net, x)
         conf, pred = s["logits"].softmax(1).max(1)
         row = {"config": cfg.name, "label": cfg.label, "n": args.n,
