@@ -15,14 +15,14 @@ docs/results/w4/draw-screen-<date>.jsonl.
 
     python docs/results/w4/draw_screen.py --draws 0,100 --variants rtn,rec,rec-x,rec-long
 """
-import argparse, copy, datetime, json, pathlib, sys, time
+import argparse, copy, datetime, json, sys, time
 import torch
 sys.path.insert(0, "tools")
 import ptq4dm
 from ptq4dm.ir.graph import StepGraph
-from ptq4dm.passes import NDTC, QuantPolicy, DEFAULT_PIPELINE, PassContext, Reconstruct, BiasCorrect
+from ptq4dm.passes import NDTC, DEFAULT_PIPELINE, PassContext, Reconstruct, BiasCorrect
 from ptq4dm.passes.calibrate import make_calibration_set
-from ptq4dm.models.loading import load_default_unet, trained_schedule
+from screen_setup import ddpm100_w4
 from ptq4dm.models.metrics import psnr
 from ptq4dm.api import weights_hash
 
@@ -32,13 +32,7 @@ ap.add_argument("--variants", default="rtn,rec,rec-x,rec-long")
 ap.add_argument("--samples", type=int, default=100)
 ap.add_argument("--out", default=f"docs/results/w4/draw-screen-{datetime.date.today()}.jsonl")
 args = ap.parse_args()
-torch.set_num_threads(2)
-cache = pathlib.Path(".cache/calibration")
-unet = load_default_unet()
-sampler = ptq4dm.make_sampler("ddpm", num_inference_steps=100, schedule=trained_schedule(None), variance_type="fixed_small")
-step = ptq4dm.DiffusionStep(unet, sampler).eval()
-shape = step.sample_shape(1)[1:]
-policy = QuantPolicy(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True)
+unet, sampler, step, shape, policy, cache = ddpm100_w4()
 draws = [int(d) for d in args.draws.split(",")]
 sets = {d: make_calibration_set(step, sampler, NDTC(n=256, seed=d), (1, *shape), progress=True, cache_dir=cache,
                                 model_hash=weights_hash(unet)) for d in draws + [99]}

@@ -24,12 +24,12 @@ import torch
 import ptq4dm
 from ptq4dm.api import weights_hash
 from ptq4dm.ir.graph import StepGraph
-from ptq4dm.models.loading import load_default_unet, trained_schedule
 from ptq4dm.models.metrics import psnr
-from ptq4dm.passes import DEFAULT_PIPELINE, NDTC, BiasCorrect, PassContext, QuantPolicy
+from ptq4dm.passes import DEFAULT_PIPELINE, NDTC, BiasCorrect, PassContext
 from ptq4dm.passes.bias_correct import FLOAT_WEIGHT, _attr
 from ptq4dm.passes.calibrate import make_calibration_set
 from ptq4dm.passes.observe import QTENSOR
+from screen_setup import ddpm100_w4
 
 
 def group_int(w: torch.Tensor, s_c: torch.Tensor, g: int) -> torch.Tensor:
@@ -72,13 +72,7 @@ def main():
     p.add_argument("--seed", type=int, default=21)
     p.add_argument("--n", type=int, default=100)
     args = p.parse_args()
-    torch.set_num_threads(2)
-    unet = load_default_unet()
-    sampler = ptq4dm.make_sampler("ddpm", num_inference_steps=100, schedule=trained_schedule(None),
-                                  variance_type="fixed_small")
-    step = ptq4dm.DiffusionStep(unet, sampler).eval()
-    pol = QuantPolicy(weight_bits=4, output_bits=16, keep_first_last_fp=True, time_path_fp=True)
-    cache = Path(".cache/calibration")
+    unet, sampler, step, _, pol, cache = ddpm100_w4()
     res = ptq4dm.quantize(step, calibration=NDTC(n=256, seed=args.calib_seed), policy=pol, progress=False,
                           pipeline=DEFAULT_PIPELINE + ",sensitivity{widen=4,weights=false}", cache_dir=cache)
     cs = res.calibration_set
