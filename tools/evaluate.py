@@ -153,12 +153,13 @@ CONFIGS = [
     Config("ptq4dm-w4a8", "W4A8 PTQ4DM", weight_bits=4),
     Config("ptq4dm-w4a8-per-step", "W4A8 PTQ4DM + per-step act. ranges", weight_bits=4, per_step=True),
 ]
-# the paper's baselines with the default model's pipeline (bias_correct{groups=10} after fakequant):
-# only the calibration / outputs / bits differ from ptq4dm-w8a8-bc-g10
-# ... four reconstructions (seeds 0-3), the one whose 64 held-out chains land closest to FP kept (reconstruct's restarts)
+# the 4-bit configs that learn on every sample, as four reconstructions (seeds 0-3), the one whose 64 held-out
+# chains land closest to FP kept (reconstruct's restarts)
 CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-restarts"), label=c.label + ", best of 4 restarts",
                                 passes=c.passes.replace("reconstruct{scales=true,n=0}", "reconstruct{scales=true,n=0,restarts=4}"))
             for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
+# the paper's baselines with the default model's pipeline (bias_correct{groups=10} after fakequant):
+# only the calibration / outputs / bits differ from ptq4dm-w8a8-bc-g10
 CONFIGS += [dataclasses.replace(c, name=c.name + "-bc-g10", label=c.label + " + bias corr. 1/10", bias_correct=True,
                                 bias_groups=10)
             for c in CONFIGS if c.name in ("uniform-w8a8", "single-w8a8", "random-w8a8", "ptq4dm-w8a8-fp-outputs",
