@@ -256,11 +256,11 @@ class Reconstruct:
             score = psnr(chains(graph), ref)
             tries.append({"seed": self.seed + r, "psnr": score, "error_after": ctx.results["reconstruct"]["error_after"]})
             if best is None or score > best[0]:
-                best = (score, save(), ctx.results["reconstruct"])
+                best = (score, save(), ctx.results["reconstruct"], self.seed + r)
             if ctx.progress:
                 it.set_postfix(psnr=f"{score:.2f}", best=f"{best[0]:.2f}")
         load(best[1])
-        ctx.results["reconstruct"] = {**best[2], "restarts": tries, "chosen_seed": max(tries, key=lambda t: t["psnr"])["seed"],
+        ctx.results["reconstruct"] = {**best[2], "restarts": tries, "chosen_seed": best[3],
                                       "select_samples": m, "select_seed": self.select_seed}
 
     def _run(self, graph: StepGraph, ctx: PassContext) -> None:
