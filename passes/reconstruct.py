@@ -188,6 +188,9 @@ class Reconstruct:
     blocks: bool = False    # BRECQ: the layers of one block (BLOCK_TYPES) against the block's output
     scales: bool = False    # also learn each weight's per-channel scale (codes and scale together; layer-wise only)
     scale_lr: float = 3e-4  # Adam's step on the log of the scale factor (screened: 1e-4 ~ 3e-4 > 1e-3 > 5e-3)
+    refit: str = ""         # then each output channel's scale refitted to the fixed codes by least squares on all n samples,
+                            # on the quantized model's inputs ("quantized") or the float model's ("float"); "": off
+    drop: float = 0.0       # QDrop: each input element of a training step is the float model's with this probability
     network: int = 0        # then this many Adam steps of every rounding together against the UNet's output (0: off)
     network_lr: float = 1e-2  # Adam's step on V in the network phase (it starts from the layer-wise codes)
     network_reg: float = 0.01  # the network phase's regulariser, on the mean over weights (its loss: the output's MSE)
@@ -272,6 +275,10 @@ class Reconstruct:
                              f"n >= 0, warmup in [0, 1) and lr, network_lr > 0; got iters={self.iters}, "
                              f"network={self.network}, batch_size={self.batch_size}, n={self.n}, warmup={self.warmup}, "
                              f"lr={self.lr}, network_lr={self.network_lr}")
+        if self.refit not in ("", "quantized", "float") or ((self.refit or self.drop) and self.blocks) \
+                or not 0 <= self.drop <= 1:
+            raise ValueError(f"reconstruct: refit is '', 'quantized' or 'float' and drop in [0, 1], both layer-wise "
+                             f"only; got refit={self.refit!r}, drop={self.drop}, blocks={self.blocks}")
         if self.scales and (self.blocks or self.scale_lr <= 0):
             raise ValueError(f"reconstruct: scales=true learns each scale layer by layer with scale_lr > 0; got "
                              f"blocks={self.blocks}, scale_lr={self.scale_lr} (drop blocks=true or scales=true)")
@@ -330,7 +337,11 @@ class Reconstruct:
                 # bias and the conv's stride / padding / ...: the same for every chunk (the bias learns nothing)
                 rest = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[0][2:]]
                 key = w.meta[QTENSOR].key
-                row = self._layer(gm, w, qparams[key], floats[w], layer.target, x, rest, target, gen)
+                x_fp = None
+                if self.refit == "float" or self.drop:
+                    with torch.no_grad():
+                        x_fp = torch.cat([probe.grab(layer, [layer.args[0]], False, *d)[0].float() for d in data])
+                row = self._layer(gm, w, qparams[key], floats[w], layer.target, x, rest, target, gen, x_fp)
                 if "scale" in row:   # the learned scale: the codes in the buffer are on its grid
                     qp = qparams[key]
                     qparams[key] = QParams(row.pop("scale"), qp.zero_point, qp.qmin, qp.qmax, qp.axis, qp.groups)
@@ -495,7 +506,7 @@ class Reconstruct:
         return {"iters": self.network, "error_before": before, "error_after": after, "moved": moved,
                 "kept_layerwise": keep, "mse_first": sum(losses[:tenth]) / tenth, "mse_last": sum(losses[-tenth:]) / tenth}
 
-    def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen) -> dict:
+    def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen, x_fp=None) -> dict:
         r = _Rounding(w_fp, qp, learn_scale=self.scales)
 
         def out_error(wt) -> float:
@@ -510,13 +521,20 @@ class Reconstruct:
         ch = 1 if op is aten.conv2d.default else -1   # output channels: summed, as BRECQ's loss does
         for i in range(self.iters):
             sel = torch.randint(0, x.shape[0], (min(self.batch_size, x.shape[0]),), generator=gen)
-            pred = op(x[sel], r.weight(), *rest)
+            xin = x[sel]
+            if self.drop:   # QDrop (Wei et al., 2022): the quantization noise of the inputs dropped at random
+                xin = torch.where(torch.rand(xin.shape, generator=gen).to(xin.device) < self.drop, x_fp[sel], xin)
+            pred = op(xin, r.weight(), *rest)
             loss = (pred - target[sel]).pow(2).sum(ch).mean() + self._regulariser(i, [r])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad():
-            w_new = r.hard()
+            w_new, scale = r.hard(), r.scale().detach()
+            if self.refit:
+                codes = r.codes((r.v >= 0).float())
+                learned, scale = scale, self._refit(op, x_fp if self.refit == "float" else x, rest, target, codes, scale)
+                w_new = codes * scale
         after = out_error(w_new)
         if after > before:   # keep nearest rounding where learning did not help this layer
             w_new = w_rtn
@@ -524,9 +542,35 @@ class Reconstruct:
         buf = _attr(gm, str(w_node.target))
         buf.copy_(w_new.to(buf.dtype))
         row = {"error_before": before, "error_after": min(after, before), "moved": moved, "kept_nearest": after > before}
-        if self.scales and after <= before:
-            row["scale"] = r.scale().detach().reshape(qp.scale.shape).to(qp.scale.dtype)
+        if (self.scales or self.refit) and after <= before:
+            row["scale"] = scale.reshape(qp.scale.shape).to(qp.scale.dtype)
+        if self.refit:   # the refit's gain over the learned scale (geometric mean over channels)
+            row["refit_gain"] = float(torch.exp(torch.log(scale / learned).mean()))
         return row
+
+    @staticmethod
+    def _refit(op, x, rest, target, codes, scale) -> torch.Tensor:
+        """Each output channel's scale for fixed codes (``codes`` = weight / scale, zero point included): the
+        least-squares gain of the layer's output against the float target over every sample and position,
+        ``s_c = <u_c, t_c - b_c> / <u_c, u_c>`` with ``u = op(x; codes)`` (no bias). Deterministic: no
+        minibatch noise in the gain (Adam moves a learned scale by about ``scale_lr`` a step whatever its
+        gradient's size). A channel with no signal keeps its scale."""
+        ch = 1 if op is aten.conv2d.default else -1
+        nobias = [None, *rest[1:]] if rest else []
+        num = torch.zeros(codes.shape[0], dtype=torch.float64)
+        den = torch.zeros_like(num)
+        for i in range(0, x.shape[0], 256):
+            u = op(x[i:i + 256], codes, *nobias)
+            tb = target[i:i + 256] - (op(x[i:i + 256], torch.zeros_like(codes), *rest) if rest and rest[0] is not None
+                                      else 0)
+            dims = [d for d in range(u.dim()) if d != (ch % u.dim())]
+            num += (u * tb).double().sum(dims).cpu()
+            den += u.double().pow(2).sum(dims).cpu()
+        if scale.numel() == 1:   # a per-tensor scale: one gain over every channel
+            num, den = num.sum(0, keepdim=True), den.sum(0, keepdim=True)
+        s_old = scale.reshape(-1).cpu().double()
+        s_new = torch.where((den > 0) & (num > 0), num / den.clamp_min(1e-300), s_old)
+        return s_new.to(scale.dtype).to(scale.device).reshape(scale.shape)
 
 
 class _Rounding:
@@ -551,9 +595,13 @@ class _Rounding:
     def scale(self) -> torch.Tensor:
         return self.s if self.g is None else self.s * torch.exp(self.g)
 
-    def weight(self, h: torch.Tensor | None = None) -> torch.Tensor:
+    def codes(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The (soft) codes less the zero point: the weight is these times the scale."""
         h = _h(self.v) if h is None else h
-        return (torch.clamp(self.floor + h + self.z, self.qp.qmin, self.qp.qmax) - self.z) * self.scale()
+        return torch.clamp(self.floor + h + self.z, self.qp.qmin, self.qp.qmax) - self.z
+
+    def weight(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        return self.codes(h) * self.scale()
 
     def hard(self) -> torch.Tensor:
         return self.weight((self.v >= 0).float())

@@ -213,3 +213,73 @@ def test_restarts_keep_the_reconstruction_whose_held_out_chains_land_closest_to_
         assert torch.equal(got[key][2].scale, want[key][2].scale), key
     with pytest.raises(ValueError, match="restarts"):
         ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{restarts=0}", **kw)
+
+
+@pytest.mark.parametrize("op", ["conv", "linear"])
+def test_refit_finds_each_channels_least_squares_scale(op):
+    """reconstruct{refit=quantized}'s closed form: for fixed codes, the per-channel scale it returns recovers the scale
+    that made the target (with its bias, through the layer), and with noise in the target no channel's error
+    falls when its scale moves either way: the least-squares optimum, channel by channel."""
+    from ptq4dm.passes.reconstruct import Reconstruct, aten
+
+    g = torch.Generator().manual_seed(0)
+    if op == "conv":
+        f, x, codes, rest = aten.conv2d.default, torch.randn(40, 6, 7, 7, generator=g), \
+            torch.randint(-8, 8, (5, 6, 3, 3), generator=g).float(), [torch.randn(5, generator=g), [1, 1], [1, 1], [1, 1], 1]
+        shape, ch = (5, 1, 1, 1), 1
+    else:
+        f, x, codes, rest = aten.linear.default, torch.randn(40, 9, 12, generator=g), \
+            torch.randint(-8, 8, (5, 12), generator=g).float(), [torch.randn(5, generator=g)]
+        shape, ch = (5, 1), -1
+    s_true = torch.rand(shape, generator=g) + 0.5
+    target = f(x, codes * s_true, *rest)
+    got = Reconstruct._refit(f, x, rest, target, codes, torch.ones(shape))
+    torch.testing.assert_close(got, s_true, rtol=1e-4, atol=0)
+    noisy = target + 0.3 * target.std() * torch.randn(target.shape, generator=g)
+    best = Reconstruct._refit(f, x, rest, noisy, codes, torch.ones(shape))
+    dims = [d for d in range(target.dim()) if d != ch % target.dim()]
+    err = lambda s: (f(x, codes * s, *rest) - noisy).pow(2).sum(dims)
+    for c in range(5):
+        for k in (0.99, 1.01):
+            moved = best.clone()
+            moved[c] *= k
+            assert float(err(moved)[c]) > float(err(best)[c])
+
+
+def test_refit_keeps_the_codes_and_lowers_the_first_layers_error(pair):
+    """refit=quantized after the learned rounding: the first layer's codes are the ones it learned without refit (the
+    refit comes after), its output error is no higher, the weights are codes on the refitted grid, and the
+    refitted scales are the ones in the qparams the artifact stores."""
+    step, _, _ = pair
+    kw = dict(calibration=NDTC(n=32), policy=W4, progress=False)
+    base = "reconstruct{iters=30,batch_size=16,n=24,scales=true,scale_lr=0.01"
+    plain = ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + f",{base}}}", **kw)
+    refit = ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + f",{base},refit=quantized}}", **kw)
+    p0, r0 = plain.report.reconstruct["layers"][0], refit.report.reconstruct["layers"][0]
+    assert p0["layer"] == r0["layer"] and r0["error_after"] <= p0["error_after"] + 1e-7
+    first = next(n for n in refit.graph.graph.nodes if n.name == r0["layer"]).args[1].meta[QTENSOR].key
+    (wp, _, qpp), (wr, _, qpr) = _weights(plain)[first], _weights(refit)[first]
+    expand = lambda qp: qp.scale.reshape([-1] + [1] * (wp.dim() - 1))
+    torch.testing.assert_close(wp / expand(qpp), wr / expand(qpr), rtol=0, atol=1e-4)   # the same codes
+    assert not torch.equal(qpp.scale, qpr.scale)
+    for key, (w, _, qp) in _weights(refit).items():
+        assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+
+
+def test_float_input_refit_and_qdrop_keep_codes_on_the_grid_and_name_their_misuse(pair):
+    """refit=float with drop=0.5 (the layer learns on inputs mixed from the float model's): the weights are codes on
+    the refitted grid, no layer ends worse than nearest rounding on the quantized inputs, some scales moved.
+    refit takes '', 'quantized' or 'float', drop a probability; both are layer-wise: a wrong value is named."""
+    step, rtn, _ = pair
+    rec = ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + ",reconstruct{iters=20,batch_size=8,n=24,refit=float,"
+                          "drop=0.5}", calibration=NDTC(n=32), policy=W4, progress=False)
+    assert all(r["error_after"] <= r["error_before"] for r in rec.report.reconstruct["layers"])
+    rtn_w, moved = _weights(rtn), 0
+    for key, (w, _, qp) in _weights(rec).items():
+        assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+        moved += int((qp.scale != rtn_w[key][2].scale).sum())
+    assert moved > 0
+    kw = dict(calibration=NDTC(n=16), progress=False)
+    for opts, word in (("refit=both", "refit"), ("drop=1.5", "drop"), ("drop=0.5,blocks=true", "blocks")):
+        with pytest.raises(ValueError, match=word):
+            ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + f",reconstruct{{{opts}}}", **kw)

@@ -158,6 +158,12 @@ CONFIGS = [
 CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-restarts"), label=c.label + ", best of 4 restarts",
                                 passes=c.passes.replace("reconstruct{scales=true,n=0}", "reconstruct{scales=true,n=0,restarts=4}"))
             for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
+# ... and with each channel's scale then refitted by least squares on the float model's inputs (reconstruct{refit=float}:
+# no shrinkage from the quantized inputs' noise, docs/results/details.md, "The learned gains")
+CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-refit"), label=c.label + ", scales refitted on "
+                                "float inputs", passes=c.passes.replace("reconstruct{scales=true,n=0}",
+                                                                        "reconstruct{scales=true,n=0,refit=float}"))
+            for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
 # the paper's baselines with the default model's pipeline (bias_correct{groups=10} after fakequant):
 # only the calibration / outputs / bits differ from ptq4dm-w8a8-bc-g10
 CONFIGS += [dataclasses.replace(c, name=c.name + "-bc-g10", label=c.label + " + bias corr. 1/10", bias_correct=True,
