@@ -89,6 +89,12 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
         tensors[f"bc_table/{target.removeprefix('unet.')}"] = getattr(result.graph.gm, buf).detach().float()
     if result.graph.meta.get("bias_correct_tables"):
         tensors["bc_group_of_t"] = result.graph.gm.ptq4dm_bc_group_of_t.detach().long()
+    # noise_correct: the (G, C) scale / shift tables after the UNet output, and the group of each t
+    nc = result.graph.meta.get("noise_correct")
+    if nc:
+        gm = result.graph.gm
+        tensors["nc_scale"], tensors["nc_shift"] = gm.ptq4dm_nc_scale.detach().float(), gm.ptq4dm_nc_shift.detach().float()
+        tensors["nc_group_of_t"] = gm.ptq4dm_nc_group_of_t.detach().long()
     for name, p in step.unet.state_dict().items():
         if name not in quantized_params:
             tensors[f"fp/{name}"] = corrected.get(name, p)
@@ -98,7 +104,8 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
               "fp_weights_sha256": weights_hash(step.unet), "ptq4dm_version": ptq4dm.__version__,
               "torch_version": torch.__version__, "specs": specs, "bias_corrected": sorted(corrected),
               "bias_correct_groups": int(result.graph.meta.get("bias_correct_groups", 1)),
-              "error_feedback": result.graph.meta.get("error_feedback"), **(extra or {})}
+              "error_feedback": result.graph.meta.get("error_feedback"),
+              "noise_correct": {k: nc[k] for k in ("groups", "fit")} if nc else None, **(extra or {})}
     return save_artifact(path, tensors, header)
 
 
@@ -169,6 +176,8 @@ def load(path: str | Path, expect_fp_weights: torch.nn.Module | None = None, dev
     graph.meta["qparams"] = {k: q.to(device) for k, q in qps.items()}
     PassManager.from_pipeline("fakequant").run(graph, ctx)
     _restore_group_tables(graph, tensors, path)
+    if header.get("noise_correct"):
+        _restore_noise_correct(graph, tensors, header["noise_correct"], path)
     if header.get("error_feedback"):   # sampler-side state, no tensors: the pass again, with its option
         bits = int(header["error_feedback"].get("residual_bits", 0))
         PassManager.from_pipeline(f"error_feedback{{residual_bits={bits}}}").run(graph, ctx)
@@ -199,3 +208,21 @@ def _restore_group_tables(graph: StepGraph, tensors: dict, path) -> None:
     graph.graph.eliminate_dead_code()
     graph.gm.recompile()
 
+
+
+def _restore_noise_correct(graph: StepGraph, tensors: dict, meta: dict, path) -> None:
+    """Re-insert noise_correct's per-group affine correction after the UNet output (after bias_correct's tables)."""
+    from ptq4dm.passes.noise_correct import _insert, unet_output_node
+
+    missing = [k for k in ("nc_scale", "nc_shift", "nc_group_of_t") if k not in tensors]
+    if missing:
+        raise ArtifactError(f"{path}: its header says noise_correct but tensors {missing} are missing; the file is "
+                            "incomplete")
+    node = unet_output_node(graph)
+    a, b, table = tensors["nc_scale"], tensors["nc_shift"], tensors["nc_group_of_t"]
+    C = node.meta["val"].shape[1] if isinstance(node.meta.get("val"), torch.Tensor) else a.shape[1]
+    if a.shape != b.shape or a.dim() != 2 or a.shape[1] != C:
+        raise ArtifactError(f"{path}: noise_correct tables {tuple(a.shape)} / {tuple(b.shape)} do not fit the UNet "
+                            f"output's {C} channels; it was made with another ptq4dm / torch version")
+    _insert(graph, node, table, a, b)
+    graph.meta["noise_correct"] = {"node": node.name, **meta}

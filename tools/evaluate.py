@@ -164,6 +164,12 @@ CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-refit"),
                                 "float inputs", passes=c.passes.replace("reconstruct{scales=true,n=0}",
                                                                         "reconstruct{scales=true,n=0,refit=float}"))
             for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
+# ... and the UNet's output then corrected per step by noise_correct fitted along 64 chains of the quantized sampler
+# itself (fit=chains: the one-signed drift measured where it accumulates, docs/results/details.md, "A correction
+# fitted on the quantized chains")
+CONFIGS += [dataclasses.replace(c, name=c.name + "-nc", label=c.label + " + output correction per step fitted on "
+                                "its own chains", passes=c.passes + ",noise_correct{fit=chains,groups=1000}")
+            for c in CONFIGS if c.name.endswith("-reconstruct-refit")]
 # the paper's baselines with the default model's pipeline (bias_correct{groups=10} after fakequant):
 # only the calibration / outputs / bits differ from ptq4dm-w8a8-bc-g10
 CONFIGS += [dataclasses.replace(c, name=c.name + "-bc-g10", label=c.label + " + bias corr. 1/10", bias_correct=True,
