@@ -107,7 +107,7 @@ class NoiseCorrect:
             samples = torch.bincount(table[cs.t.cpu()], minlength=G)
             thin = samples < self.min_samples
             a[thin], b[thin] = 1.0, 0.0
-            _insert(graph, node, table, a, b)
+            insert_correction(graph, node, table, a, b)
         graph.meta["noise_correct"] = {"node": node.name, "groups": G, "fit": self.fit}
         ctx.results["noise_correct"] = {"node": node.name, "groups": G, "fit": self.fit,
                                         "samples_per_group": samples.tolist(),
@@ -152,7 +152,7 @@ class NoiseCorrect:
             sizes = [b] * -(-self.chains // b)
         C = int(ex.shape[1]) if not isinstance(node.meta.get("val"), torch.Tensor) else int(node.meta["val"].shape[1])
         stats = torch.zeros(G, C, 5, dtype=torch.float64)
-        _insert(graph, node, table, torch.ones(G, C), torch.zeros(G, C))
+        insert_correction(graph, node, table, torch.ones(G, C), torch.zeros(G, C))
         seen = torch.zeros(G, dtype=torch.long)
         cur, min_samples = {}, self.min_samples
 
@@ -245,7 +245,7 @@ def _solve(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-def _insert(graph: StepGraph, node: fx.Node, table: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def insert_correction(graph: StepGraph, node: fx.Node, table: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``y' = y * a[g] + b[g]`` right after ``node``, the (G, C) tables buffers gathered by t's group."""
     g, gm = graph.graph, graph.gm
     device = graph.example_inputs[0].device

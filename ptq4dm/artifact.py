@@ -209,10 +209,9 @@ def _restore_group_tables(graph: StepGraph, tensors: dict, path) -> None:
     graph.gm.recompile()
 
 
-
 def _restore_noise_correct(graph: StepGraph, tensors: dict, meta: dict, path) -> None:
     """Re-insert noise_correct's per-group affine correction after the UNet output (after bias_correct's tables)."""
-    from ptq4dm.passes.noise_correct import _insert, unet_output_node
+    from ptq4dm.passes.noise_correct import insert_correction, unet_output_node
 
     missing = [k for k in ("nc_scale", "nc_shift", "nc_group_of_t") if k not in tensors]
     if missing:
@@ -224,5 +223,5 @@ def _restore_noise_correct(graph: StepGraph, tensors: dict, meta: dict, path) ->
     if a.shape != b.shape or a.dim() != 2 or a.shape[1] != C:
         raise ArtifactError(f"{path}: noise_correct tables {tuple(a.shape)} / {tuple(b.shape)} do not fit the UNet "
                             f"output's {C} channels; it was made with another ptq4dm / torch version")
-    _insert(graph, node, table, a, b)
+    insert_correction(graph, node, table, a, b)
     graph.meta["noise_correct"] = {"node": node.name, **meta}

@@ -165,8 +165,8 @@ CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-refit"),
                                                                         "reconstruct{scales=true,n=0,refit=float}"))
             for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
 # ... and the UNet's output then corrected per step by noise_correct fitted along 64 chains of the quantized sampler
-# itself (fit=chains: the one-signed drift measured where it accumulates, docs/results/details.md, "A correction
-# fitted on the quantized chains")
+# itself (fit=chains: the one-signed drift measured where it accumulates, docs/results/details.md, "Where the chain
+# loses the samples; a correction fitted on the quantized chains")
 CONFIGS += [dataclasses.replace(c, name=c.name + "-nc", label=c.label + " + output correction per step fitted on "
                                 "its own chains", passes=c.passes + ",noise_correct{fit=chains,groups=1000}")
             for c in CONFIGS if c.name.endswith("-reconstruct-refit")]
