@@ -89,8 +89,9 @@ class NoiseCorrect:
             raise ValueError(f"noise_correct fit must be 'calibration' (the calibration set's x_t) or 'chains' "
                              f"(the quantized graph's own sampling chains), got {self.fit!r}")
         if fp_step is None or (cs is None and self.fit == "calibration"):
-            raise ValueError("noise_correct needs the calibration set and the FP step: run it after 'calibrate' "
-                             "(and 'fakequant') in a ptq4dm.quantize pipeline, e.g. '...,fakequant,noise_correct'")
+            need = "the calibration set and the FP step" if self.fit == "calibration" else "the FP step (fit=chains)"
+            raise ValueError(f"noise_correct needs {need}: run it after 'calibrate' (and 'fakequant') in a "
+                             "ptq4dm.quantize pipeline, e.g. '...,fakequant,noise_correct'")
         if self.groups < 1:
             raise ValueError(f"noise_correct groups must be >= 1, got {self.groups}")
         if self.chains < 1:

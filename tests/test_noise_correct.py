@@ -109,6 +109,8 @@ def test_noise_correct_misuse_is_named(setup):
         NoiseCorrect(fit="chains", chains=0).run(_copy(res), PassContext(options={"fp_step": step}, progress=False))
     with pytest.raises(ValueError, match="needs the calibration set"):
         NoiseCorrect().run(_copy(res), PassContext(options={"fp_step": step}, progress=False))
+    with pytest.raises(ValueError, match=r"needs the FP step \(fit=chains\)"):
+        NoiseCorrect(fit="chains").run(_copy(res), PassContext(options={}, progress=False))
     with pytest.raises(ValueError, match="fit must be"):
         ptq4dm.quantize(step, calibration=NDTC(n=8), policy=W4, progress=False,
                         pipeline=DEFAULT_PIPELINE + ",noise_correct{fit=chain}")
