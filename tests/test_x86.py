@@ -135,9 +135,14 @@ def test_a_16_bit_input_runs_as_two_int8_convs_with_the_simulated_values(batch):
     x, t, noise = _inputs(step, batch, 1)
     with torch.no_grad():
         want, pt2e = fq(x, t, noise), res.graph(x, t, noise)
-    for a, b in zip(pt2e, want):
-        assert torch.allclose(a, b, atol=1e-5)
     steps = _out_steps(res)
+    for a, b, name in zip(pt2e, want, ("prev_sample", "mean", "variance")):
+        # the same values up to float rounding: the high / low byte sum sits on the output grid's rounding
+        # boundary in another float order than the float conv, so a rare element lands one output step away
+        # (1 of 6,144 on an AVX2 CPU, batch 3)
+        d = (a - b).abs()
+        assert float(d.max()) <= steps[name] * 1.01 + 1e-5, name
+        assert int((d > 1e-5).sum()) <= max(1, d.numel() // 1000), name
     with torch.no_grad():   # split16=false keeps the layer in float on its fake-quantized input: the simulated values
         kept_out = kept(x, t, noise)
     for a, b in zip(kept_out, want):
@@ -215,7 +220,7 @@ def test_bias_correct_tables_fold_into_the_biases(batch):
 def test_int8_mixed_bf16_keeps_int8_kernels_and_stays_near_the_fake_quant_graph(batch):
     """lower{mixed_bf16=true}: the graph runs under bf16 autocast, the int8 conv still runs in
     oneDNN (now writing bf16), the step's outputs come back in fp32, and they differ from the
-    fake-quant graph only by bf16 rounding: a few units of bf16's precision (2^-8) of the output's
+    fake-quant graph (on a CPU without VNNI: the 7-bit-weight graph in fp32) only by bf16 rounding: a few units of bf16's precision (2^-8) of the output's
     scale, far less than one 8-bit activation step."""
     layer = OneLayer(32, 24, 8, "conv")
     step, res = _quantized(layer, batch)
@@ -223,10 +228,13 @@ def test_int8_mixed_bf16_keeps_int8_kernels_and_stays_near_the_fake_quant_graph(
     info = ptq4dm.lower(res.graph, backend="x86", mixed_bf16=True)
     assert info["mixed_bf16"] is True and info["counts"]["qconv2d"] == 1, info
     assert not any(n.target is torch.ops.aten._assert_tensor_metadata.default for n in res.graph.graph.nodes)
-    compiled = ptq4dm.compile_step(res.graph)
     x, t, noise = _inputs(step, batch, 2)
+    with torch.no_grad():   # without VNNI the lowering requantizes the weights to 7 bits: the oracle is then the
+        # lowered graph run eagerly in fp32 (those 7-bit codes), with VNNI the fake-quant graph itself
+        want = fq(x, t, noise) if has_vnni() else res.graph(x, t, noise)
+    compiled = ptq4dm.compile_step(res.graph)
     with torch.no_grad():
-        want, got = fq(x, t, noise), compiled(x, t, noise)
+        got = compiled(x, t, noise)
     for i, name in enumerate(("prev_sample", "mean")):
         assert got[i].dtype == torch.float32, name
         err = (got[i] - want[i]).abs()
