@@ -29,6 +29,11 @@ with seeds ``seed .. seed + k - 1`` start from the same nearest rounding, each i
 against the float one from the same x_T and noise, PSNR of x_0), and the best one is kept. ``k`` times
 the cost, plus the chains.
 
+Chain weights (``t_weight=g``, ours, layer-wise): each calibration sample's squared error (loss, keep-nearest
+check, refit) weighted by ``s_k ** g``, ``s_k`` how much an error in the UNet's output at the sample's step moves
+the final sample along float chains (``ptq4dm.models.step.chain_sensitivity``). Measured worse than uniform
+weights for g = 1, 0.5 and -0.5 on the default model (docs/results/details.md); off by default.
+
 Memory: one layer (block) at a time. Its quantized inputs and float outputs on the ``n``
 calibration samples are recomputed by running the graph up to that layer (nothing is cached on
 disk), so memory is the inputs and outputs of one layer (block) over ``n`` samples (about 100 MB
@@ -195,6 +200,9 @@ class Reconstruct:
     network_lr: float = 1e-2  # Adam's step on V in the network phase (it starts from the layer-wise codes)
     network_reg: float = 0.01  # the network phase's regulariser, on the mean over weights (its loss: the output's MSE)
     seed: int = 0
+    t_weight: float = 0.0   # != 0: each calibration sample's error weighted by its step's chain sensitivity to this power
+    t_chains: int = 32      # the float chains that sensitivity is measured on (t_weight != 0)
+    t_seed: int = 555_555   # their seed
     restarts: int = 1       # > 1: that many reconstructions (seeds seed, seed + 1, ...), the one whose held-out chain lands closest to FP kept
     select_samples: int = 64  # the held-out chains' samples (restarts > 1)
     select_seed: int = 987_654_321  # their sampling seed: keep it away from the seeds the result is judged on
@@ -279,6 +287,10 @@ class Reconstruct:
                 or not 0 <= self.drop <= 1:
             raise ValueError(f"reconstruct: refit is '', 'quantized' or 'float' and drop in [0, 1], both layer-wise "
                              f"only; got refit={self.refit!r}, drop={self.drop}, blocks={self.blocks}")
+        if self.t_weight and (self.blocks or self.network or self.t_chains < 1):
+            raise ValueError(f"reconstruct: t_weight != 0 is layer-wise only (blocks=false, network=0) and needs "
+                             f"t_chains >= 1; got t_weight={self.t_weight}, blocks={self.blocks}, "
+                             f"network={self.network}, t_chains={self.t_chains}")
         if self.scales and (self.blocks or self.scale_lr <= 0):
             raise ValueError(f"reconstruct: scales=true learns each scale layer by layer with scale_lr > 0; got "
                              f"blocks={self.blocks}, scale_lr={self.scale_lr} (drop blocks=true or scales=true)")
@@ -320,6 +332,15 @@ class Reconstruct:
                              f"{idx.numel()}: raise n or the calibration set's size")
         probe = _Probe(gm, acts, floats)
         gen = torch.Generator().manual_seed(self.seed)
+        sw, t_table = None, None
+        if self.t_weight:   # one weight per sample: its step's chain sensitivity ** t_weight, mean 1 over the samples
+                            # (t_weight < 0 weighs the quiet steps more)
+            t_table = self._t_table(graph, ctx)
+            sw = torch.cat([t_table[d[1].cpu()] for d in data]).to(device)
+            if not bool((sw > 0).all()):
+                raise ValueError("reconstruct{t_weight}: some calibration samples are at timesteps the graph's sampler "
+                                 "does not visit (their step has no measured weight): calibrate on the graph's sampler")
+            sw = sw / sw.mean()
         units = self._units(graph, layers) if self.blocks else [(None, [lw]) for lw in layers]
         it = units
         if ctx.progress:
@@ -341,7 +362,13 @@ class Reconstruct:
                 if self.refit == "float" or self.drop:
                     with torch.no_grad():
                         x_fp = torch.cat([probe.grab(layer, [layer.args[0]], False, *d)[0].float() for d in data])
-                row = self._layer(gm, w, qparams[key], floats[w], layer.target, x, rest, target, gen, x_fp)
+                rw = None
+                if sw is not None:   # a layer that flattens the batch (B * L rows): each row its sample's weight
+                    if x.shape[0] % sw.shape[0]:
+                        raise ValueError(f"reconstruct{{t_weight}}: layer {layer.name} sees {x.shape[0]} rows for "
+                                         f"{sw.shape[0]} samples; its rows cannot be matched to samples")
+                    rw = sw.repeat_interleave(x.shape[0] // sw.shape[0])
+                row = self._layer(gm, w, qparams[key], floats[w], layer.target, x, rest, target, gen, x_fp, rw)
                 if "scale" in row:   # the learned scale: the codes in the buffer are on its grid
                     qp = qparams[key]
                     qparams[key] = QParams(row.pop("scale"), qp.zero_point, qp.qmin, qp.qmax, qp.axis, qp.groups)
@@ -355,9 +382,44 @@ class Reconstruct:
                   "n": int(idx.numel()), "blocks": self.blocks,
                   "error_before": sum(r["error_before"] for r in rows),
                   "error_after": sum(r["error_after"] for r in rows)}
+        if t_table is not None:
+            ts = graph.meta["sampler"].timesteps
+            result["t_weight"] = {"power": self.t_weight, "chains": self.t_chains,
+                                  "per_step": t_table[ts.cpu()].tolist(),
+                                  "sample_weight_max": float(sw.max()), "sample_weight_min": float(sw.min())}
         if self.network:
             result["network"] = self._network(gm, graph, layers, qparams, floats, acts, probe, data, gen, ctx.progress)
         ctx.results["reconstruct"] = result
+
+    def _t_table(self, graph: StepGraph, ctx: PassContext) -> torch.Tensor:
+        """Per training timestep (a table of length T): how much an error in the UNet's output at that step
+        moves the final sample along float chains of the graph's sampler (``chain_sensitivity``, geometric mean
+        over ``t_chains`` chains), to the power ``t_weight``; 0 at timesteps the sampler does not visit. Measured on
+        the default model: an error at the first DDPM-100 step moves x_0 270-980x as much as one at the last, at the
+        first DDIM-50 step 24,000-33,000x (docs/results/details.md, "Weighting the calibration samples by the
+        chain")."""
+        from ptq4dm.models.step import chain_sensitivity
+
+        fp_step, sampler = ctx.options.get("fp_step"), graph.meta.get("sampler")
+        unet = getattr(fp_step, "unet", None)
+        if unet is None or sampler is None:
+            raise ValueError("reconstruct{t_weight} measures each step's weight on float chains: it needs "
+                             "ctx.options['fp_step'] (a DiffusionStep, with its .unet) and graph.meta['sampler'] "
+                             "(ptq4dm.quantize sets both)")
+        ex = graph.example_inputs[0]
+        flags = [p.requires_grad for p in unet.parameters()]
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        try:
+            s = chain_sensitivity(unet, sampler, (self.t_chains, *ex.shape[1:]), seed=self.t_seed, device=ex.device,
+                                  progress=ctx.progress)
+        finally:
+            for p, f in zip(unet.parameters(), flags):
+                p.requires_grad_(f)
+        per_step = s.double().clamp_min(1e-30).log().mean(0).exp().pow(self.t_weight)
+        table = torch.zeros(int(sampler.T), dtype=torch.float64)
+        table[sampler.timesteps.cpu()] = per_step
+        return table.float()
 
     def _regulariser(self, i: int, roundings, iters: int | None = None) -> torch.Tensor | float:
         """AdaRound's rounding regulariser at step i of ``iters`` (default: ``self.iters``): none during
@@ -506,13 +568,16 @@ class Reconstruct:
         return {"iters": self.network, "error_before": before, "error_after": after, "moved": moved,
                 "kept_layerwise": keep, "mse_first": sum(losses[:tenth]) / tenth, "mse_last": sum(losses[-tenth:]) / tenth}
 
-    def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen, x_fp=None) -> dict:
+    def _layer(self, gm, w_node, qp, w_fp, op, x, rest, target, gen, x_fp=None, rw=None) -> dict:
         r = _Rounding(w_fp, qp, learn_scale=self.scales)
+        # rw: one weight per row of x (t_weight), broadcast over the rest of the output
+        wv = (lambda e, i, j: e) if rw is None else (lambda e, i, j: e * rw[i:j].reshape(-1, *[1] * (e.dim() - 1)))
 
         def out_error(wt) -> float:
             with torch.no_grad():
-                return float(sum((op(x[i:i + 256], wt, *rest) - target[i:i + 256]).pow(2).sum()
-                                 for i in range(0, x.shape[0], 256)) / max(float(target.pow(2).sum()), 1e-30))
+                num = sum(float(wv((op(x[i:i + 256], wt, *rest) - target[i:i + 256]).pow(2), i, i + 256).sum())
+                          for i in range(0, x.shape[0], 256))
+                return num / max(float(wv(target.pow(2), 0, x.shape[0]).sum()), 1e-30)
 
         w_rtn = _attr(gm, str(w_node.target)).detach().float()
         before = out_error(w_rtn)
@@ -525,7 +590,10 @@ class Reconstruct:
             if self.drop:   # QDrop (Wei et al., 2022): the quantization noise of the inputs dropped at random
                 xin = torch.where(torch.rand(xin.shape, generator=gen).to(xin.device) < self.drop, x_fp[sel], xin)
             pred = op(xin, r.weight(), *rest)
-            loss = (pred - target[sel]).pow(2).sum(ch).mean() + self._regulariser(i, [r])
+            err = (pred - target[sel]).pow(2).sum(ch)
+            if rw is not None:
+                err = err * rw[sel].reshape(-1, *[1] * (err.dim() - 1))
+            loss = err.mean() + self._regulariser(i, [r])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -533,7 +601,8 @@ class Reconstruct:
             w_new, scale = r.hard(), r.scale().detach()
             if self.refit:
                 codes = r.codes((r.v >= 0).float())
-                learned, scale = scale, self._refit(op, x_fp if self.refit == "float" else x, rest, target, codes, scale)
+                learned, scale = scale, self._refit(op, x_fp if self.refit == "float" else x, rest, target, codes, scale,
+                                                    rw)
                 w_new = codes * scale
         after = out_error(w_new)
         if after > before:   # keep nearest rounding where learning did not help this layer
@@ -549,12 +618,12 @@ class Reconstruct:
         return row
 
     @staticmethod
-    def _refit(op, x, rest, target, codes, scale) -> torch.Tensor:
+    def _refit(op, x, rest, target, codes, scale, rw=None) -> torch.Tensor:
         """Each output channel's scale for fixed codes (``codes`` = weight / scale, zero point included): the
         least-squares gain of the layer's output against the float target over every sample and position,
         ``s_c = <u_c, t_c - b_c> / <u_c, u_c>`` with ``u = op(x; codes)`` (no bias). Deterministic: no
         minibatch noise in the gain (Adam moves a learned scale by about ``scale_lr`` a step whatever its
-        gradient's size). A channel with no signal keeps its scale."""
+        gradient's size). A channel with no signal keeps its scale. ``rw`` (t_weight): each row's products weighted."""
         ch = 1 if op is aten.conv2d.default else -1
         nobias = [None, *rest[1:]] if rest else []
         num = torch.zeros(codes.shape[0], dtype=torch.float64)
@@ -564,8 +633,9 @@ class Reconstruct:
             tb = target[i:i + 256] - (op(x[i:i + 256], torch.zeros_like(codes), *rest) if rest and rest[0] is not None
                                       else 0)
             dims = [d for d in range(u.dim()) if d != (ch % u.dim())]
-            num += (u * tb).double().sum(dims).cpu()
-            den += u.double().pow(2).sum(dims).cpu()
+            w = 1 if rw is None else rw[i:i + 256].reshape(-1, *[1] * (u.dim() - 1))
+            num += (w * u * tb).double().sum(dims).cpu()
+            den += (w * u.pow(2)).double().sum(dims).cpu()
         if scale.numel() == 1:   # a per-tensor scale: one gain over every channel
             num, den = num.sum(0, keepdim=True), den.sum(0, keepdim=True)
         s_old = scale.reshape(-1).cpu().double()

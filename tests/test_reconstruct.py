@@ -283,3 +283,52 @@ def test_float_input_refit_and_qdrop_keep_codes_on_the_grid_and_name_their_misus
     for opts, word in (("refit=both", "refit"), ("drop=1.5", "drop"), ("drop=0.5,blocks=true", "blocks")):
         with pytest.raises(ValueError, match=word):
             ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + f",reconstruct{{{opts}}}", **kw)
+
+
+@pytest.mark.parametrize("op", ["conv", "linear"])
+def test_weighted_refit_is_the_least_squares_scale_of_the_weighted_rows(op):
+    """t_weight's plumbing in the refit: rows weighted 0 are left out, exactly (the scale is the one the other
+    rows alone give), and weighting every row by the same factor changes nothing."""
+    from ptq4dm.passes.reconstruct import Reconstruct, aten
+
+    g = torch.Generator().manual_seed(1)
+    if op == "conv":
+        f, x, codes, rest = aten.conv2d.default, torch.randn(40, 6, 7, 7, generator=g), \
+            torch.randint(-8, 8, (5, 6, 3, 3), generator=g).float(), [torch.randn(5, generator=g), [1, 1], [1, 1], [1, 1], 1]
+        shape = (5, 1, 1, 1)
+    else:
+        f, x, codes, rest = aten.linear.default, torch.randn(40, 9, 12, generator=g), \
+            torch.randint(-8, 8, (5, 12), generator=g).float(), [torch.randn(5, generator=g)]
+        shape = (5, 1)
+    target = f(x, codes * (torch.rand(shape, generator=g) + 0.5), *rest)
+    target = target + 0.5 * target.std() * torch.randn(target.shape, generator=g)
+    rw = (torch.arange(40) % 2).float()
+    got = Reconstruct._refit(f, x, rest, target, codes, torch.ones(shape), rw)
+    alone = Reconstruct._refit(f, x[1::2], rest, target[1::2], codes, torch.ones(shape))
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=0)
+    plain = Reconstruct._refit(f, x, rest, target, codes, torch.ones(shape))
+    torch.testing.assert_close(Reconstruct._refit(f, x, rest, target, codes, torch.ones(shape), torch.full((40,), 3.0)),
+                               plain, rtol=1e-5, atol=0)
+    assert not torch.allclose(got, plain, rtol=1e-3)
+
+
+def test_chain_weighted_reconstruct_reports_its_step_weights_and_names_its_misuse(pair):
+    """reconstruct{t_weight=1}: each sample's error weighted by its step's measured chain sensitivity. The report
+    names the weight of every step of the sampler (positive); the weights are codes on the grid; no layer ends worse
+    than nearest rounding on the weighted error; the result differs from the unweighted one (the step weights are
+    seeded: test_samplers). No chains (t_chains=0), or blocks=true, is refused by name."""
+    step, rtn, rec = pair
+    kw = dict(calibration=NDTC(n=32), policy=W4, progress=False)
+    pipe = DEFAULT_PIPELINE + ",reconstruct{iters=30,batch_size=16,n=24,t_weight=1,t_chains=4}"
+    tw = ptq4dm.quantize(step, pipeline=pipe, **kw)
+    info = tw.report.reconstruct["t_weight"]
+    assert len(info["per_step"]) == step.sampler.S and min(info["per_step"]) > 0
+    assert info["sample_weight_max"] > info["sample_weight_min"] > 0
+    assert all(r["error_after"] <= r["error_before"] for r in tw.report.reconstruct["layers"])
+    got, plain = _weights(tw), _weights(rec)
+    for key, (w, _, qp) in got.items():
+        assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
+    assert any(not torch.equal(w, plain[key][0]) for key, (w, _, _) in got.items())
+    for opts in ("t_weight=1,t_chains=0", "t_weight=1,blocks=true"):
+        with pytest.raises(ValueError, match="t_weight"):
+            ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + f",reconstruct{{{opts}}}", **kw)
