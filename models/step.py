@@ -108,7 +108,7 @@ def chain_sensitivity(unet: nn.Module, sampler: Sampler, shape: tuple[int, ...],
             for t_val in sampler.timesteps.tolist():
                 t = torch.full((shape[0],), t_val, dtype=torch.long, device=device)
                 noise = torch.randn(shape, generator=g).to(device)
-                e = torch.zeros((), device=device).expand(shape).clone().requires_grad_(True)
+                e = torch.zeros(shape, device=device, requires_grad=True)
                 errs.append(e)
                 step = lambda x, e, t=t, noise=noise: sampler.step(unet_out(x, t) + e, t, x, noise)[0]
                 x = checkpoint(step, x, e, use_reentrant=False)
