@@ -83,8 +83,9 @@ def chain_sensitivity(unet: nn.Module, sampler: Sampler, shape: tuple[int, ...],
     size of one sample: the mean squared displacement of ``x_0`` that a unit white error in ``eps_k`` causes
     (to first order; the sampler's clip of x_0 included). Estimated with Hutchinson's trace estimator: for a
     random ``v``, one backward pass from ``<v, x_0>`` gives ``J_k^T v`` at every step at once, and
-    ``E ||J_k^T v||^2 = ||J_k||_F^2``; ``probes`` such passes averaged. The rows are heavy-tailed (a chain near a fork of its path has a
-    Jacobian orders of magnitude larger at the noisy steps): reduce them robustly (a geometric mean). Each step
+    ``E ||J_k^T v||^2 = ||J_k||_F^2``; ``probes`` such passes averaged. The rows are heavy-tailed (a chain near
+    a fork of its path has a Jacobian orders of magnitude larger at the noisy steps): reduce them robustly (a
+    geometric mean). Each step
     is recomputed in the backward pass (activation checkpointing), so memory is one step's activations plus
     the chain's states: the cost is about three float chains of ``shape[0]`` samples per probe."""
     from torch.utils.checkpoint import checkpoint

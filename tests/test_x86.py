@@ -220,8 +220,8 @@ def test_bias_correct_tables_fold_into_the_biases(batch):
 def test_int8_mixed_bf16_keeps_int8_kernels_and_stays_near_the_fake_quant_graph(batch):
     """lower{mixed_bf16=true}: the graph runs under bf16 autocast, the int8 conv still runs in
     oneDNN (now writing bf16), the step's outputs come back in fp32, and they differ from the
-    fake-quant graph (on a CPU without VNNI: the 7-bit-weight graph in fp32) only by bf16 rounding: a few units of bf16's precision (2^-8) of the output's
-    scale, far less than one 8-bit activation step."""
+    fake-quant graph (on a CPU without VNNI: the 7-bit-weight graph in fp32) only by bf16 rounding: a
+    few units of bf16's precision (2^-8) of the output's scale, far less than one 8-bit activation step."""
     layer = OneLayer(32, 24, 8, "conv")
     step, res = _quantized(layer, batch)
     fq = copy.deepcopy(res.graph)
