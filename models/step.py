@@ -73,7 +73,8 @@ def sample(step_fn: StepFn, sampler: Sampler, shape: tuple[int, ...], seed: int 
 
 
 def chain_sensitivity(unet: nn.Module, sampler: Sampler, shape: tuple[int, ...], seed: int = 0,
-                      probes: int = 1, device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+                      probes: int = 1, device: str | torch.device = "cpu", progress: bool = False,
+                      wrt: str = "output") -> torch.Tensor:
     """How much an error in the UNet's output at each step moves the sample the chain ends at.
 
     Returns ``(N, S)``, one row per chain (``N = shape[0]``), columns indexed like ``sampler.timesteps`` (0 = the
@@ -87,9 +88,16 @@ def chain_sensitivity(unet: nn.Module, sampler: Sampler, shape: tuple[int, ...],
     a fork of its path has a Jacobian orders of magnitude larger at the noisy steps): reduce them robustly (a
     geometric mean). Each step
     is recomputed in the backward pass (activation checkpointing), so memory is one step's activations plus
-    the chain's states: the cost is about three float chains of ``shape[0]`` samples per probe."""
+    the chain's states: the cost is about three float chains of ``shape[0]`` samples per probe.
+
+    ``wrt="state"``: the error enters the step's result x_{t-1} instead of the UNet's output, so ``s_k`` is
+    ``||d x_0 / d x_{t-1}||_F^2 / d`` at step ``k`` (1 at the last step): the weight that turns a squared error of
+    step ``k``'s x_{t-1} into the squared displacement of the final sample."""
     from torch.utils.checkpoint import checkpoint
 
+    if wrt not in ("output", "state"):
+        raise ValueError(f"chain_sensitivity wrt must be 'output' (the UNet's output) or 'state' (the step's x_{{t-1}}), "
+                         f"got {wrt!r}")
     if probes < 1 or shape[0] < 1:
         raise ValueError(f"chain_sensitivity needs probes >= 1 and at least one chain; got probes={probes}, "
                          f"shape={tuple(shape)}")
@@ -111,7 +119,10 @@ def chain_sensitivity(unet: nn.Module, sampler: Sampler, shape: tuple[int, ...],
                 noise = torch.randn(shape, generator=g).to(device)
                 e = torch.zeros(shape, device=device, requires_grad=True)
                 errs.append(e)
-                step = lambda x, e, t=t, noise=noise: sampler.step(unet_out(x, t) + e, t, x, noise)[0]
+                if wrt == "output":
+                    step = lambda x, e, t=t, noise=noise: sampler.step(unet_out(x, t) + e, t, x, noise)[0]
+                else:
+                    step = lambda x, e, t=t, noise=noise: sampler.step(unet_out(x, t), t, x, noise)[0] + e
                 x = checkpoint(step, x, e, use_reentrant=False)
             v = torch.randn(shape, generator=g).to(device)
             grads = torch.autograd.grad((x * v).sum(), errs)

@@ -392,34 +392,12 @@ class Reconstruct:
         ctx.results["reconstruct"] = result
 
     def _t_table(self, graph: StepGraph, ctx: PassContext) -> torch.Tensor:
-        """Per training timestep (a table of length T): how much an error in the UNet's output at that step
-        moves the final sample along float chains of the graph's sampler (``chain_sensitivity``, geometric mean
-        over ``t_chains`` chains), to the power ``t_weight``; 0 at timesteps the sampler does not visit. Measured on
-        the default model: an error at the first DDPM-100 step moves x_0 270-980x as much as one at the last, at the
-        first DDIM-50 step 24,000-33,000x (docs/results/details.md, "Weighting the calibration samples by the
-        chain")."""
-        from ptq4dm.models.step import chain_sensitivity
-
-        fp_step, sampler = ctx.options.get("fp_step"), graph.meta.get("sampler")
-        unet = getattr(fp_step, "unet", None)
-        if unet is None or sampler is None:
-            raise ValueError("reconstruct{t_weight} measures each step's weight on float chains: it needs "
-                             "ctx.options['fp_step'] (a DiffusionStep, with its .unet) and graph.meta['sampler'] "
-                             "(ptq4dm.quantize sets both)")
-        ex = graph.example_inputs[0]
-        flags = [p.requires_grad for p in unet.parameters()]
-        for p in unet.parameters():
-            p.requires_grad_(False)
-        try:
-            s = chain_sensitivity(unet, sampler, (self.t_chains, *ex.shape[1:]), seed=self.t_seed, device=ex.device,
-                                  progress=ctx.progress)
-        finally:
-            for p, f in zip(unet.parameters(), flags):
-                p.requires_grad_(f)
-        per_step = s.double().clamp_min(1e-30).log().mean(0).exp().pow(self.t_weight)
-        table = torch.zeros(int(sampler.T), dtype=torch.float64)
-        table[sampler.timesteps.cpu()] = per_step
-        return table.float()
+        """Per training timestep: how much an error in the UNet's output at that step moves the final sample
+        (``chain_step_table``), to the power ``t_weight``. Measured on the default model: an error at the first
+        DDPM-100 step moves x_0 270-980x as much as one at the last, at the first DDIM-50 step 24,000-33,000x
+        (docs/results/details.md, "Weighting the calibration samples by the chain")."""
+        table = chain_step_table(graph, ctx, self.t_chains, self.t_seed, "reconstruct{t_weight}")
+        return torch.where(table > 0, table.clamp_min(1e-30).pow(self.t_weight), 0.0).float()
 
     def _regulariser(self, i: int, roundings, iters: int | None = None) -> torch.Tensor | float:
         """AdaRound's rounding regulariser at step i of ``iters`` (default: ``self.iters``): none during
@@ -678,3 +656,32 @@ class _Rounding:
 
     def reg(self, beta: float) -> torch.Tensor:
         return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
+
+
+def chain_step_table(graph: StepGraph, ctx: PassContext, chains: int, seed: int, who: str,
+                     wrt: str = "output") -> torch.Tensor:
+    """A table of length T (one entry per training timestep): how much an error at that step moves the final
+    sample along ``chains`` float chains of the graph's sampler (``ptq4dm.models.step.chain_sensitivity``, an
+    error in the UNet's output with ``wrt="output"``, in the step's x_{t-1} with ``wrt="state"``), the geometric
+    mean over the chains (their values are heavy-tailed), float64; 0 at timesteps the sampler does not visit. ``who`` names
+    the caller in the error raised when ``ctx.options['fp_step']`` or the graph's sampler is missing."""
+    from ptq4dm.models.step import chain_sensitivity
+
+    fp_step, sampler = ctx.options.get("fp_step"), graph.meta.get("sampler")
+    unet = getattr(fp_step, "unet", None)
+    if unet is None or sampler is None:
+        raise ValueError(f"{who} measures each step's weight on float chains: it needs ctx.options['fp_step'] (a "
+                         f"DiffusionStep, with its .unet) and graph.meta['sampler'] (ptq4dm.quantize sets both)")
+    ex = graph.example_inputs[0]
+    flags = [p.requires_grad for p in unet.parameters()]
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    try:
+        s = chain_sensitivity(unet, sampler, (chains, *ex.shape[1:]), seed=seed, device=ex.device,
+                              progress=ctx.progress, wrt=wrt)
+    finally:
+        for p, f in zip(unet.parameters(), flags):
+            p.requires_grad_(f)
+    table = torch.zeros(int(sampler.T), dtype=torch.float64)
+    table[sampler.timesteps.cpu()] = s.double().clamp_min(1e-30).log().mean(0).exp()
+    return table

@@ -70,32 +70,38 @@ class _Linear(torch.nn.Module):
         return self.c * x
 
 
+@pytest.mark.parametrize("wrt", ["output", "state"])
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
-def test_chain_sensitivity_is_the_squared_jacobian_of_the_final_sample(kind):
-    """chain_sensitivity's s_k is ||d x_0 / d eps_k||_F^2 / d: on a linear chain (J_k = j_k I) it must be j_k^2,
-    with j_k measured directly by moving eps_k by h and watching x_0 move by j_k h (Hutchinson's estimate over 64
-    chains of 64 values: within a few % of it). The same seed gives the same values, another seed others."""
+def test_chain_sensitivity_is_the_squared_jacobian_of_the_final_sample(kind, wrt):
+    """chain_sensitivity's s_k is ||d x_0 / d eps_k||_F^2 / d (wrt="output"; wrt="state": d x_0 / d x_{t-1} of step
+    k): on a linear chain (J_k = j_k I) it must be j_k^2, with j_k measured directly by moving eps_k (x_{t-1} of step
+    k) by h and watching x_0 move by j_k h (Hutchinson's estimate over 64 chains of 64 values: within a few % of
+    it). The same seed gives the same values, another seed others."""
     from ptq4dm.models.step import chain_sensitivity
 
     sampler = make_sampler(kind, num_inference_steps=8, clip_sample=False)
     unet, shape = _Linear(0.3), (64, 1, 8, 8)
-    s = chain_sensitivity(unet, sampler, shape, seed=3)
+    s = chain_sensitivity(unet, sampler, shape, seed=3, wrt=wrt)
     assert s.shape == (64, 8)
-    assert torch.equal(chain_sensitivity(unet, sampler, shape, seed=3), s)   # seeded
-    assert not torch.equal(chain_sensitivity(unet, sampler, shape, seed=4), s)
+    assert torch.equal(chain_sensitivity(unet, sampler, shape, seed=3, wrt=wrt), s)   # seeded
+    assert not torch.equal(chain_sensitivity(unet, sampler, shape, seed=4, wrt=wrt), s)
 
     def x0(k: int, h: float) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape[1:], generator=g)[None]
         for i, t_val in enumerate(sampler.timesteps.tolist()):
             t = torch.full((1,), t_val, dtype=torch.long)
-            eps = unet(x, t) + (h if i == k else 0.0)
-            x = sampler.step(eps, t, x, torch.randn(x.shape, generator=g))[0]
+            eps = unet(x, t) + (h if i == k and wrt == "output" else 0.0)
+            x = sampler.step(eps, t, x, torch.randn(x.shape, generator=g))[0] + (h if i == k and wrt == "state" else 0.0)
         return x
 
     with torch.no_grad():
         j = torch.stack([(x0(k, 1.0) - x0(k, 0.0)).mean() for k in range(8)])
     torch.testing.assert_close(s.mean(0), j.pow(2), rtol=0.08, atol=1e-9)
     assert float(j.abs().min()) > 0
+    if wrt == "state":   # an error in the last step's result is an error in x_0 itself
+        assert float(j[-1]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="probes"):
         chain_sensitivity(unet, sampler, shape, probes=0)
+    with pytest.raises(ValueError, match="wrt must be 'output'"):
+        chain_sensitivity(unet, sampler, shape, wrt="x")
