@@ -260,6 +260,37 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return u[0::2] | (u[1::2] << 4)
 
 
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ``bits``-bit codes (2 <= bits <= 8; values in [-2^(bits-1), 2^(bits-1) - 1]) as a bit stream: flattened,
+    offset by 2^(bits-1) to unsigned, each code's bits least significant first, code i at bit i * bits of the stream,
+    eight stream bits per byte (bit j of the stream in bit j % 8 of byte j // 8; zero bits pad the last byte).
+    ``ceil(numel * bits / 8)`` bytes: 5 / 8 of int8 storage at 5 bits. ``unpack_bits(pack_bits(c, b), b, c.numel())``
+    gives ``c`` back (flat, int8)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"pack_bits: bits must be in [2, 8], got {bits}")
+    half = 1 << (bits - 1)
+    flat = codes.reshape(-1).to(torch.int16)
+    if flat.numel() and (int(flat.min()) < -half or int(flat.max()) > half - 1):
+        raise ValueError(f"pack_bits: {bits}-bit codes must lie in [{-half}, {half - 1}], "
+                         f"got [{int(flat.min())}, {int(flat.max())}]")
+    u = (flat + half).to(torch.int32)
+    stream = ((u[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)]).reshape(-1, 8)
+    return (stream << torch.arange(8, dtype=torch.int32)).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The int8 codes ``pack_bits(codes, bits)`` stored (flat, ``numel`` of them)."""
+    size = (numel * bits + 7) // 8
+    if not 2 <= bits <= 8 or packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != size:
+        raise ValueError(f"unpack_bits: expected a 1-D uint8 tensor of {size} bytes for {numel} codes of {bits} bits "
+                         f"(2 <= bits <= 8), got {packed.dtype} {tuple(packed.shape)}")
+    stream = ((packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)
+    stream = stream[: numel * bits].reshape(numel, bits)
+    u = (stream << torch.arange(bits, dtype=torch.int32)).sum(1)
+    return (u - (1 << (bits - 1))).to(torch.int8)
+
+
 def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The int8 codes ``pack_int4`` stored (flat, ``numel`` of them)."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 1) // 2:

@@ -34,6 +34,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 #            "w/<key>"           int8 (int16 above 8 bits) weight codes, per output channel
 #            "w4/<key>"          weights of 4 bits or fewer: the codes two per byte (ir.quant.pack_int4),
 #                                their shape in the spec's "shape"; "bits" in each spec is the grid's width
+#            "wb/<key>"          weights of 5 to 7 bits: a bit stream of "bits" bits per code (ir.quant.pack_bits),
+#                                their shape in the spec's "shape" (version 3)
 #            "w_scale/<key>", "w_zp/<key>"   their scales / zero points
 #            "a_scale/<key>", "a_zp/<key>"   activation / output ranges (tables if per-timestep)
 #            "bc_table/<bias>"   bias_correct{groups=G}: the (G, C) correction added after the layer
@@ -42,7 +44,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 #            ptq4dm and torch versions, sha256 of the FP weights, per-tensor specs, and
 #            "content_sha256" over the rest of the header and every stored tensor (detects corruption).
 
-ARTIFACT_VERSION = 2  # 2: content_sha256 also covers the header
+ARTIFACT_VERSION = 3  # 2: content_sha256 also covers the header; 3: 5- to 7-bit weights packed ("wb/")
+READABLE_VERSIONS = (2, 3)   # a version-2 file is a version-3 file without "wb/" tensors
 
 
 class ArtifactError(ValueError):
@@ -100,9 +103,9 @@ def load_artifact(path) -> tuple[dict, dict]:
         raise ArtifactError(f"{path}: the ptq4dm header is not valid JSON ({e}); the file is corrupted") from None
     if not isinstance(header, dict) or header.get("format") != "ptq4dm-artifact":
         raise ArtifactError(f"{path}: unknown artifact format")
-    if header.get("version") != ARTIFACT_VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(f"{path}: artifact version {header.get('version')} but this ptq4dm reads "
-                            f"version {ARTIFACT_VERSION}; re-run tools/quantize.py")
+                            f"versions {', '.join(map(str, READABLE_VERSIONS))}; re-run tools/quantize.py")
     if _content_hash(tensors, header) != header.get("content_sha256"):
         raise ArtifactError(f"{path}: contents do not match the artifact's sha256: the file is corrupted")
     return tensors, header

@@ -106,9 +106,15 @@ class Sensitivity:
                            # the step's x_{t-1} error with everything quantized (coordinate descent over a grid)
     budget: float = 0.0    # > 0: mixed weight precision, at most this many bits per weight on average
                            # (each weight at its own bits or at weight_bits, least summed error)
+    widths: str = "ends"   # the budget's choices per weight: "ends" (weight_bits or its own bits) or "all" (every
+                           # width from weight_bits to its own, each measured)
     wide_bits: int = 16
     outputs: bool = True   # widen may pick mean / variance / x_{t-1} (false: the sampler's outputs keep their bits)
     seed: int = 0          # the noise of the DDPM step's x_{t-1} (the same for every tensor)
+    t_weight: float = 0.0  # != 0: each sample's squared x_{t-1} error weighted by how far an error in its step's
+                           # x_{t-1} moves the final sample (chain sensitivity, wrt the state) to this power
+    t_chains: int = 32     # the float chains that weight is measured on (t_weight != 0)
+    t_seed: int = 555_555  # their seed
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
         from ptq4dm import distributed as dist
@@ -124,9 +130,15 @@ class Sensitivity:
             raise ValueError(f"sensitivity weight_bits must be 0 or in [2, 8], got {self.weight_bits}")
         if self.refine < -1:
             raise ValueError(f"sensitivity refine must be -1 (all activations), 0 (off) or a count, got {self.refine}")
+        if self.widths not in ("ends", "all"):
+            raise ValueError(f"sensitivity widths must be 'ends' (weight_bits or the weight's own bits) or 'all' (every "
+                             f"width in between too), got {self.widths!r}")
         if self.budget and not (self.weights and self.weight_bits):
             raise ValueError(f"sensitivity budget={self.budget} picks each weight's bits from its error at its own "
                              f"width and at weight_bits: it needs weights=true and weight_bits in [2, 8]")
+        if self.t_weight and self.t_chains < 1:
+            raise ValueError(f"sensitivity t_weight={self.t_weight} measures each step's weight on t_chains float chains; "
+                             f"got t_chains={self.t_chains} (use >= 1, e.g. the default 32)")
         gm, qparams = graph.gm, graph.meta["qparams"]
         acts = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is FQ and QTENSOR in n.meta]
         all_wq = [n for n in graph.graph.nodes if n.op == "get_attr" and FLOAT_WEIGHT in n.meta]
@@ -150,6 +162,22 @@ class Sensitivity:
             if not chunks:
                 raise ValueError(f"sensitivity: the graph was captured with a static batch of {size} and n={self.n} "
                                  f"gives no full batch; pass n >= {size}")
+        weights, t_report = [torch.ones(c[0].shape[0]) for c in chunks], None
+        if self.t_weight:   # each sample's error counted by how far its step's x_{t-1} error moves the final sample
+            from .reconstruct import chain_step_table
+
+            table = chain_step_table(graph, ctx, self.t_chains, self.t_seed, "sensitivity{t_weight}", wrt="state")
+            per = [table[c[1].cpu()] for c in chunks]
+            if not all(bool((p > 0).all()) for p in per):
+                raise ValueError("sensitivity{t_weight}: some calibration samples are at timesteps the graph's sampler "
+                                 "does not visit (their step has no measured weight): calibrate on the graph's sampler")
+            top = float(torch.cat(per).log().mul(self.t_weight).max())   # in logs: a large power neither over- nor
+            per = [(p.log() * self.t_weight - top).exp() for p in per]      # underflows
+            mean = float(torch.cat(per).mean())
+            weights = [p / mean for p in per]
+            ts = graph.meta["sampler"].timesteps.cpu()
+            t_report = {"power": self.t_weight, "chains": self.t_chains, "wrt": "state",
+                        "sensitivity_per_step": table[ts].tolist()}   # ||d x_0 / d x_{t-1}||^2 / d, sampler order
 
         def run(on=(), swap=None, data=None) -> list[torch.Tensor]:
             interp.on, interp.swap = set(on), dict(swap or {})
@@ -160,22 +188,25 @@ class Sensitivity:
             return outs
 
         ref = run()
-        denom = sum(float(r.pow(2).sum()) for r in ref)
+        sq = lambda a, w: float((a.pow(2).flatten(1).sum(1).double() * w).sum())   # per-sample weighted squared size
+        denom = sum(sq(r, w) for r, w in zip(ref, weights))
 
-        def err(outs) -> float:   # squared error of x_{t-1}, relative to its energy
-            return sum(float((o - r).pow(2).sum()) for o, r in zip(outs, ref)) / max(denom, 1e-30)
+        def err(outs) -> float:   # squared error of x_{t-1} (each sample at its weight), relative to its energy
+            return sum(sq(o - r, w) for o, r, w in zip(outs, ref, weights)) / max(denom, 1e-30)
 
-        low: dict = {}
+        low: dict = {}   # (weight node, bits) -> the weight on the MSE grid of that width
         if self.weight_bits and self.weights:
             for n in wq:
                 qt = n.meta[QTENSOR]
-                if _bits(qparams[qt.key]) <= self.weight_bits:
+                own = _bits(qparams[qt.key])
+                if own <= self.weight_bits:
                     continue
                 w = floats[n].detach().float()
-                qmax = 2 ** (self.weight_bits - 1) - 1
-                qp = solve_mse(w, -qmax, qmax, True, qparams[qt.key].axis, name=qt.key)
-                low[n] = fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis).to(floats[n].dtype)
-        jobs = [(n, None) for n in acts + wq] + [(n, self.weight_bits) for n in wq if n in low]
+                for b in range(self.weight_bits, own if self.budget and self.widths == "all" else self.weight_bits + 1):
+                    qmax = 2 ** (b - 1) - 1
+                    qp = solve_mse(w, -qmax, qmax, True, qparams[qt.key].axis, name=qt.key)
+                    low[n, b] = fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis).to(floats[n].dtype)
+        jobs = [(n, None) for n in acts + wq] + list(low)
 
         def measure() -> dict:
             it = dist.my_batches(jobs)
@@ -185,7 +216,7 @@ class Sensitivity:
                 it = tqdm(it, desc="sensitivity", unit="tensor", leave=False)
             out = {}
             for j, (n, bits) in it:
-                out[j] = err(run(swap={n: low[n]}) if bits else run(on={n}))
+                out[j] = err(run(swap={n: low[n, bits]}) if bits else run(on={n}))
             return out
 
         errors = dist.gather_batches("sensitivity", measure)
@@ -220,6 +251,8 @@ class Sensitivity:
         result = {"rows": rows, "n": int(idx.numel()), "error_all": together, "error_sum": s, "widened": widened}
         if mixed:
             result["mixed"] = mixed
+        if t_report:
+            result["t_weight"] = t_report
         if refined:
             result["refined"] = refined
         if widened or mixed:   # the step's error with every quantizer on, after what this pass changed
@@ -307,10 +340,13 @@ class Sensitivity:
 
     def _mix(self, graph: StepGraph, wq, floats: dict, low: dict, rows) -> dict:
         """A bit width per weight for an average of at most ``budget`` bits per weight with the least
-        summed error: every weight starts at ``weight_bits``, then weights move back to their own
-        width in the order of error saved per extra bit (the greedy answer to this knapsack; the
-        errors are the single-tensor errors measured above, which add up when they are small). The
-        weights left at ``weight_bits`` get their low-bit buffers and qparams."""
+        summed error: every weight starts at ``weight_bits``, then weights move up in the order of error
+        saved per extra bit and element (the greedy answer to this knapsack; the errors are the
+        single-tensor errors measured above, which add up when they are small). With ``widths="ends"``
+        a weight's one move is back to its own width; with ``widths="all"`` its moves run along the
+        lower convex hull of its measured (bits, error) points, so their savings per bit fall and a
+        weight never takes a later move before an earlier one (a move that does not fit ends that
+        weight's moves). The weights left under their own width get that width's buffers and qparams."""
         qparams, gm = graph.meta["qparams"], graph.gm
         by_key = {r["key"]: r for r in rows}
         layers = []
@@ -318,22 +354,36 @@ class Sensitivity:
             key = n.meta[QTENSOR].key
             own = _bits(qparams[key])
             r = by_key[key]
-            lo_err = r.get(f"error_w{self.weight_bits}", r["error"])   # already at or under weight_bits: stays
+            lo = min(own, self.weight_bits)   # already at or under weight_bits: stays
+            points = {b: r[f"error_w{b}"] for b in range(lo, own) if f"error_w{b}" in r}
+            points[own] = r["error"]
             layers.append({"key": key, "node": n, "elements": int(floats[n].numel()), "own_bits": own,
-                           "low_bits": min(own, self.weight_bits), "error_own": r["error"], "error_low": lo_err})
+                           "bits": lo, "points": points})
         total = sum(l["elements"] for l in layers)
         budget_bits = float(self.budget) * total
-        used = sum(l["low_bits"] * l["elements"] for l in layers)
+        used = sum(l["bits"] * l["elements"] for l in layers)
         if used > budget_bits:
             raise ValueError(f"sensitivity budget={float(self.budget):g} bits per weight is below what every weight at "
                              f"weight_bits={self.weight_bits} takes ({used / total:.2f}); raise it or lower weight_bits")
-        for l in layers:
-            l["bits"] = l["low_bits"]
-        gain = lambda l: (l["error_low"] - l["error_own"]) / ((l["own_bits"] - l["low_bits"]) * l["elements"])
-        for l in sorted((l for l in layers if l["own_bits"] > l["low_bits"]), key=gain, reverse=True):
-            extra = (l["own_bits"] - l["low_bits"]) * l["elements"]
+        moves = []   # (error saved per extra bit and element, layer, from, to): each layer's hull, in its order
+        for i, l in enumerate(layers):
+            pts = sorted(l["points"].items())
+            cur = 0
+            while cur < len(pts) - 1:
+                (b0, e0), el = pts[cur], l["elements"]
+                nxt = max(range(cur + 1, len(pts)), key=lambda j: ((e0 - pts[j][1]) / ((pts[j][0] - b0) * el), pts[j][0]))
+                moves.append(((e0 - pts[nxt][1]) / ((pts[nxt][0] - b0) * el), i, b0, pts[nxt][0]))
+                cur = nxt
+        stopped = set()
+        for _, i, b0, b1 in sorted(moves, key=lambda m: -m[0]):
+            l = layers[i]
+            if i in stopped or l["bits"] != b0:
+                continue
+            extra = (b1 - b0) * l["elements"]
             if used + extra <= budget_bits:
-                l["bits"], used = l["own_bits"], used + extra
+                l["bits"], used = b1, used + extra
+            else:
+                stopped.add(i)
         for l in layers:
             if l["bits"] == l["own_bits"]:
                 continue
@@ -341,13 +391,12 @@ class Sensitivity:
             qmax = 2 ** (l["bits"] - 1) - 1
             qp = solve_mse(floats[n].detach().float(), -qmax, qmax, True, old.axis, name=key)
             buf = _attr(gm, n.target)
-            buf.copy_(low[n].to(buf))
+            buf.copy_(low[n, l["bits"]].to(buf))
             qparams[key] = QParams(qp.scale.to(old.scale), qp.zero_point.to(old.zero_point), qp.qmin, qp.qmax,
                                    old.axis, old.groups)
-        err_sum = sum(l["error_own"] if l["bits"] == l["own_bits"] else l["error_low"] for l in layers) or 1.0
+        err_sum = sum(l["points"][l["bits"]] for l in layers) or 1.0
         table = [{"key": l["key"], "bits": l["bits"], "own_bits": l["own_bits"], "elements": l["elements"],
-                  "bytes": l["elements"] * l["bits"] / 8,
-                  "error": l["error_own"] if l["bits"] == l["own_bits"] else l["error_low"]} for l in layers]
+                  "bytes": l["elements"] * l["bits"] / 8, "error": l["points"][l["bits"]]} for l in layers]
         for r in table:
             r["share"] = r["error"] / err_sum
         table.sort(key=lambda r: -r["error"])

@@ -17,7 +17,7 @@ import torch
 
 from ptq4dm.api import QuantResult, capture_step, weights_hash
 from ptq4dm.ir.graph import StepGraph
-from ptq4dm.ir.quant import QParams, dequantize, pack_int4, quantize, unpack_int4
+from ptq4dm.ir.quant import QParams, dequantize, pack_bits, pack_int4, quantize, unpack_bits, unpack_int4
 from ptq4dm.ir.serialize import ArtifactError, load_artifact, save_artifact
 from ptq4dm.models.samplers import make_sampler
 from ptq4dm.models.step import DiffusionStep
@@ -68,6 +68,9 @@ def save(result: QuantResult, step: DiffusionStep, path: str | Path, extra: dict
             codes = quantize(w, qp, torch.int8 if bits <= 8 else torch.int16)
             if bits <= 4:   # two codes per byte
                 tensors[f"w4/{qt.key}"] = pack_int4(codes)
+                spec["shape"] = list(codes.shape)
+            elif bits < 8:   # a stream of `bits` bits per code
+                tensors[f"wb/{qt.key}"] = pack_bits(codes, bits)
                 spec["shape"] = list(codes.shape)
             else:
                 tensors[f"w/{qt.key}"] = codes
@@ -151,8 +154,12 @@ def load(path: str | Path, expect_fp_weights: torch.nn.Module | None = None, dev
         if s["role"] == "weight":
             name = s["param"].removeprefix("unet.")
             try:
-                codes = (unpack_int4(tensors[f"w4/{key}"], math.prod(s["shape"])).reshape(s["shape"])
-                         if f"w4/{key}" in tensors else tensors[f"w/{key}"])
+                if f"w4/{key}" in tensors:
+                    codes = unpack_int4(tensors[f"w4/{key}"], math.prod(s["shape"])).reshape(s["shape"])
+                elif f"wb/{key}" in tensors:
+                    codes = unpack_bits(tensors[f"wb/{key}"], s["bits"], math.prod(s["shape"])).reshape(s["shape"])
+                else:
+                    codes = tensors[f"w/{key}"]
             except KeyError as e:
                 raise ArtifactError(f"{path}: tensor {e} is missing; the file is incomplete") from None
             new_state[name] = dequantize(codes, qp).reshape(state[name].shape)

@@ -167,6 +167,8 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
         assert "outputs=false" in by[n].passes and ("error_feedback" in by[n].passes) == (n != "recommended-out8")
     assert pols["ptq4dm-w8a16"].describe().startswith("W8A16") and pols["ptq4dm-w8a16"].output_bits == 16
     assert pols["ptq4dm-w16a8"].describe().startswith("W16A8")
+    assert pols["w5a8"].weight_bits == pols["w5a8-reconstruct-refit"].weight_bits == 5
+    assert "widths=all" in by["mixed5all-reconstruct-refit"].passes and pols["mixed5all-reconstruct-refit"].weight_bits == 8
     assert not pols["ptq4dm-w8a8-attn-fp"].quantize_attention
     assert "mean" not in pols["ptq4dm-w8a8-mean-fp"].output_roles
     assert "variance" not in pols["ptq4dm-w8a8-variance-fp"].output_roles

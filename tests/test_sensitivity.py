@@ -215,6 +215,68 @@ def test_int4_packing_round_trips(codes):
     assert torch.equal(unpack_int4(packed, len(codes)), c)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(2, 8).flatmap(lambda b: st.tuples(st.just(b), st.lists(st.integers(-(1 << (b - 1)), (1 << (b - 1)) - 1),
+                                                                           min_size=0, max_size=67))))
+def test_n_bit_packing_round_trips_in_n_bits_per_code(case):
+    from ptq4dm.ir.quant import pack_bits, unpack_bits
+
+    bits, codes = case
+    c = torch.tensor(codes, dtype=torch.int8)
+    packed = pack_bits(c, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (len(codes) * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, len(codes)), c)
+    if codes:
+        with pytest.raises(ValueError, match=f"{bits}-bit codes must lie in"):
+            pack_bits(torch.tensor([1 << (bits - 1)]), bits)
+
+
+def test_a_budget_over_every_width_moves_weights_along_their_error_hull(tiny_unet, tmp_path):
+    """sensitivity{budget=B,widths=all}: each weight at any width from 4 to its own 8 bits, measured at each; the
+    average within the budget; the greedy stops only when no weight's next move fits; the widths in between land in
+    the graph's qparams and in the artifact as a 5- to 7-bit stream (ceil(n * bits / 8) bytes), loading to the same
+    graph. On this model the budget at 5 bits puts some weights at a width in between."""
+    step = _step(tiny_unet)
+    cal = NDTC(n=16)
+    mixed = ptq4dm.quantize(step, calibration=cal, progress=False,
+                            pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16,budget=5,widths=all}")
+    m = mixed.report.sensitivity["mixed"]
+    rows = {r["key"]: r for r in mixed.report.sensitivity["rows"]}
+    assert m["average_bits"] <= 5.0
+    assert sum(r["elements"] * r["bits"] for r in m["layers"]) <= 5.0 * m["weights"]
+    assert all(f"error_w{b}" in rows[r["key"]] for r in m["layers"] for b in range(4, 8))
+    between = {r["key"]: r["bits"] for r in m["layers"] if 4 < r["bits"] < 8}
+    assert between, [r["bits"] for r in m["layers"]]
+    for r in m["layers"]:
+        qp = mixed.graph.meta["qparams"][r["key"]]
+        assert (qp.qmin, qp.qmax) == (-(2 ** (r["bits"] - 1) - 1), 2 ** (r["bits"] - 1) - 1)
+    spare = 5.0 * m["weights"] - sum(r["elements"] * r["bits"] for r in m["layers"])
+    for r in m["layers"]:   # the greedy stops a weight only when its next move along its hull does not fit
+        if r["bits"] < 8:
+            e = {b: rows[r["key"]][f"error_w{b}"] for b in range(4, 8)} | {8: rows[r["key"]]["error"]}
+            b0 = r["bits"]
+            b1 = max(range(b0 + 1, 9), key=lambda b: ((e[b0] - e[b]) / (b - b0), b))
+            assert (b1 - b0) * r["elements"] > spare, (r, e)
+    from ptq4dm import artifact
+    from ptq4dm.ir.serialize import load_artifact
+
+    path = tmp_path / "mixed.safetensors"
+    artifact.save(mixed, step, path)
+    tensors, header = load_artifact(path)
+    el = {r["key"]: r["elements"] for r in m["layers"]}
+    for k, b in between.items():
+        assert tensors[f"wb/{k}"].numel() == (el[k] * b + 7) // 8
+    graph, _, _ = artifact.load(path)
+    g = torch.Generator().manual_seed(2)
+    x, noise = torch.randn((3, *step.sample_shape(1)[1:]), generator=g), torch.zeros(3, *step.sample_shape(1)[1:])
+    t = step.sampler.timesteps[[0, 4, 9]]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x, t, noise)[0], mixed.graph(x, t, noise)[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="widths must be 'ends'"):
+        ptq4dm.quantize(step, calibration=cal, progress=False,
+                        pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16,budget=5,widths=some}")
+
+
 def test_sensitivity_says_where_it_belongs(tiny_unet):
     step = _step(tiny_unet)
     with pytest.raises(ValueError, match="before bias_correct"):
@@ -232,3 +294,48 @@ def test_sensitivity_says_where_it_belongs(tiny_unet):
     with pytest.raises(ValueError, match="widen must be >= 0"):
         ptq4dm.quantize(step, calibration=NDTC(n=16), progress=False,
                         pipeline=DEFAULT_PIPELINE + ",sensitivity{widen=-1}")
+
+
+def test_chain_weighted_errors_count_each_sample_by_its_step(tiny_unet):
+    """sensitivity{t_weight=g}: each sample's squared x_{t-1} error counts by ||d x_0 / d x_{t-1}||^2 of its step
+    (float chains) to the power g. Two limits a user can check: a vanishing power gives the unweighted errors, a large
+    one the errors measured on the samples of the heaviest step alone (DDIM, eta 0: the step's noise plays no part).
+    The report carries the per-step sensitivity; misuse is named."""
+    import math
+
+    from ptq4dm.passes import PassContext, Sensitivity
+    from ptq4dm.passes.calibrate import CalibrationSet
+
+    step = _step(tiny_unet)
+    res = ptq4dm.quantize(step, calibration=NDTC(n=32), policy=W4, progress=False, pipeline=DEFAULT_PIPELINE)
+    cs = res.calibration_set
+
+    def errors(g, cset, **kw):
+        ctx = PassContext(options={"calibration_set": cset, "fp_step": step}, progress=False)
+        Sensitivity(**{"n": 1000, "batch_size": 16, "weight_bits": 0, "t_weight": g, "t_chains": 8, **kw}).run(
+            res.graph, ctx)
+        r = ctx.results["sensitivity"]
+        return {row["key"]: row["error"] for row in r["rows"]}, r
+
+    plain, _ = errors(0.0, cs)
+    tiny, rep = errors(1e-9, cs)
+    assert tiny.keys() == plain.keys()
+    for k in plain:
+        assert tiny[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-12)
+    per = torch.tensor(rep["t_weight"]["sensitivity_per_step"], dtype=torch.float64)
+    assert per.shape == (step.sampler.S,) and bool((per > 0).all())
+    present = cs.step.unique()
+    ranked = per[present].sort(descending=True)
+    top = int(present[ranked.indices[0]])
+    g = math.log(1e9) / math.log(float(ranked.values[0] / ranked.values[1]))   # the other steps at <= 1e-9
+    heavy, _ = errors(g, cs)
+    m = cs.step == top
+    only, _ = errors(0.0, CalibrationSet(cs.x[m], cs.t[m], cs.step[m]))
+    for k in plain:
+        assert heavy[k] == pytest.approx(only[k], rel=1e-3, abs=1e-12)
+    assert any(abs(only[k] - plain[k]) > 0.05 * plain[k] for k in plain)   # the weighting changed something
+    with pytest.raises(ValueError, match="t_chains"):
+        errors(1.0, cs, t_chains=0)
+    ctx = PassContext(options={"calibration_set": cs}, progress=False)
+    with pytest.raises(ValueError, match=r"needs ctx.options\['fp_step'\]"):
+        Sensitivity(n=16, t_weight=1.0, t_chains=4).run(res.graph, ctx)

@@ -122,6 +122,17 @@ CONFIGS = [
            "every calibration sample, A8 recommended", preset="recommended",
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
                   "reconstruct{scales=true,n=0},bias_correct{groups=10}"),
+    # the 5-bit budget spent evenly (every weight at 5 bits) or over every width from 4 to 8 (sensitivity
+    # widths=all), against the 4 / 8 mix (docs/results/details.md, "Five bits per weight")
+    Config("w5a8", "W5A8 recommended preset, weights rounded to nearest", preset="recommended-fast", weight_bits=5),
+    Config("w5a8-reconstruct-refit", "W5A8 recommended preset + reconstruct (rounding and scales, refitted on float "
+           "inputs) on every calibration sample", preset="recommended", weight_bits=5,
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
+                  "reconstruct{scales=true,n=0,refit=float},bias_correct{groups=10}"),
+    Config("mixed5all-reconstruct-refit", "W4-8 mixed (every width), <= 5 bits per weight + reconstruct (rounding "
+           "and scales, refitted on float inputs) on every calibration sample, A8 recommended", preset="recommended",
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5,widths=all},"
+                  "reconstruct{scales=true,n=0,refit=float},bias_correct{groups=10}"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),

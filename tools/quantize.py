@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-budget", type=float, default=None, metavar="BITS",
                    help="mixed 4 / 8-bit weights, at most BITS bits per weight on average, each weight's width chosen "
                         "from its measured error (sensitivity{budget=BITS}); the recommended pipeline then learns their rounding")
+    q.add_argument("--weight-widths", choices=("ends", "all"), default="ends",
+                   help="with --weight-budget: each weight at 4 or at 8 bits (ends) or at any width from 4 to 8, each "
+                        "measured (all; sensitivity{widths=all}; docs/passes.md)")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"(4: every weight at 4 bits), got {args.weight_budget:g}")
             sens = next((i for i, s_ in enumerate(passes_) if s_.startswith("sensitivity")), None)
             opts = dict(parse_pipeline(passes_[sens])[0][1]) if sens is not None else {}
-            opts.update(weights="true", weight_bits=4, budget=f"{args.weight_budget:g}")
+            opts.update(weights="true", weight_bits=4, budget=f"{args.weight_budget:g}",
+                        **({"widths": "all"} if args.weight_widths == "all" else {}))
             item = "sensitivity{" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                              for k, v in opts.items()) + "}"
             if sens is not None:
@@ -260,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error("--weight-budget needs 'fakequant' in the pipeline (the sensitivity pass measures "
                                  "the fake-quantized graph)")
                 passes_.insert(fq + 1, item)
+        elif args.weight_widths != "ends":
+            parser.error("--weight-widths chooses among the widths of a --weight-budget: give --weight-budget BITS too")
         if args.reconstruct and args.no_reconstruct:
             parser.error("--reconstruct and --no-reconstruct contradict each other: give one")
         if args.no_reconstruct:
