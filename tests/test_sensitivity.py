@@ -126,6 +126,18 @@ def test_widen_gives_the_costliest_activations_16_bits(tiny_unet, tmp_path):
     assert every["counts"]["split16"] == len(readers), every["counts"]
 
 
+def _assert_loads_to_the_same_graph(path, result, step):
+    """The artifact at ``path`` loads to a graph that gives ``result.graph``'s x_{t-1} (noisy, middle, quiet steps)."""
+    from ptq4dm import artifact
+
+    graph, _, _ = artifact.load(path)
+    g = torch.Generator().manual_seed(2)
+    x, noise = torch.randn((3, *step.sample_shape(1)[1:]), generator=g), torch.zeros(3, *step.sample_shape(1)[1:])
+    t = step.sampler.timesteps[[0, 4, 9]]
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x, t, noise)[0], result.graph(x, t, noise)[0], rtol=0, atol=1e-5)
+
+
 def test_a_bit_budget_puts_4_bits_where_they_cost_least(tiny_unet, tmp_path):
     """sensitivity{budget=B}: average weight bits within B, the lowered weights are 4-bit in the
     graph, the report and the artifact (two codes per byte, a smaller file), and the mixed graph
@@ -172,12 +184,7 @@ def test_a_bit_budget_puts_4_bits_where_they_cost_least(tiny_unet, tmp_path):
     assert all(f"w4/{k}" in tensors and tensors[f"w4/{k}"].numel() == (el[k] + 1) // 2 for k in low)
     saved = sum(el[k] for k in low) / 2
     assert pm.stat().st_size < p8.stat().st_size - 0.9 * saved
-    graph, _, _ = artifact.load(pm)
-    g = torch.Generator().manual_seed(2)
-    x, noise = torch.randn((3, *step.sample_shape(1)[1:]), generator=g), torch.zeros(3, *step.sample_shape(1)[1:])
-    t = step.sampler.timesteps[[0, 4, 9]]
-    with torch.no_grad():
-        torch.testing.assert_close(graph(x, t, noise)[0], mixed.graph(x, t, noise)[0], rtol=0, atol=1e-5)
+    _assert_loads_to_the_same_graph(pm, mixed, step)
 
 
 def test_refine_rechooses_activation_scales_against_the_output(tiny_unet):
@@ -266,12 +273,7 @@ def test_a_budget_over_every_width_moves_weights_along_their_error_hull(tiny_une
     el = {r["key"]: r["elements"] for r in m["layers"]}
     for k, b in between.items():
         assert tensors[f"wb/{k}"].numel() == (el[k] * b + 7) // 8
-    graph, _, _ = artifact.load(path)
-    g = torch.Generator().manual_seed(2)
-    x, noise = torch.randn((3, *step.sample_shape(1)[1:]), generator=g), torch.zeros(3, *step.sample_shape(1)[1:])
-    t = step.sampler.timesteps[[0, 4, 9]]
-    with torch.no_grad():
-        torch.testing.assert_close(graph(x, t, noise)[0], mixed.graph(x, t, noise)[0], rtol=0, atol=1e-5)
+    _assert_loads_to_the_same_graph(path, mixed, step)
     with pytest.raises(ValueError, match="widths must be 'ends'"):
         ptq4dm.quantize(step, calibration=cal, progress=False,
                         pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16,budget=5,widths=some}")
@@ -327,13 +329,13 @@ def test_chain_weighted_errors_count_each_sample_by_its_step(tiny_unet):
     present = cs.step.unique()
     ranked = per[present].sort(descending=True)
     top = int(present[ranked.indices[0]])
-    g = math.log(1e9) / math.log(float(ranked.values[0] / ranked.values[1]))   # the other steps at <= 1e-9
+    g = math.log(1e15) / math.log(float(ranked.values[0] / ranked.values[1]))   # the other steps at <= 1e-15
     heavy, _ = errors(g, cs)
     m = cs.step == top
     only, _ = errors(0.0, CalibrationSet(cs.x[m], cs.t[m], cs.step[m]))
-    for k in plain:
-        assert heavy[k] == pytest.approx(only[k], rel=1e-3, abs=1e-12)
-    assert any(abs(only[k] - plain[k]) > 0.05 * plain[k] for k in plain)   # the weighting changed something
+    for k in plain:   # up to the batches' rounding flips at the quantizers' grid (the subset runs in other batches)
+        assert heavy[k] == pytest.approx(only[k], rel=2e-2, abs=1e-12)
+    assert max(abs(only[k] - plain[k]) / plain[k] for k in plain if plain[k] > 0) > 0.2   # the weighting changed them
     with pytest.raises(ValueError, match="t_chains"):
         errors(1.0, cs, t_chains=0)
     ctx = PassContext(options={"calibration_set": cs}, progress=False)
