@@ -129,10 +129,6 @@ CONFIGS = [
            "inputs) on every calibration sample", preset="recommended", weight_bits=5,
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
                   "reconstruct{scales=true,n=0,refit=float},bias_correct{groups=10}"),
-    Config("mixed5all-reconstruct-refit", "W4-8 mixed (every width), <= 5 bits per weight + reconstruct (rounding "
-           "and scales, refitted on float inputs) on every calibration sample, A8 recommended", preset="recommended",
-           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5,widths=all},"
-                  "reconstruct{scales=true,n=0,refit=float},bias_correct{groups=10}"),
     Config("ptq4dm-w8a8", "W8A8 PTQ4DM (NDTC + MSE)"),
     Config("ptq4dm-w8a8-per-step", "W8A8 PTQ4DM + per-step act. ranges", per_step=True),
     Config("ptq4dm-w8a8-per-step-shared", "W8A8 PTQ4DM + per-step, x_t range shared", per_step=True, share_xt=True),
@@ -175,6 +171,10 @@ CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-refit"),
                                 "float inputs", passes=c.passes.replace("reconstruct{scales=true,n=0}",
                                                                         "reconstruct{scales=true,n=0,refit=float}"))
             for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
+# ... with the budget spent over every width from 4 to 8 (sensitivity widths=all), not 4 or 8
+CONFIGS += [dataclasses.replace(c, name="mixed5all-reconstruct-refit", label=c.label.replace("W4/8 mixed", "W4-8 mixed (every width)"),
+                                passes=c.passes.replace("budget=5}", "budget=5,widths=all}"))
+            for c in CONFIGS if c.name == "mixed5-reconstruct-refit"]
 # ... and the UNet's output then corrected per step by noise_correct fitted along 64 chains of the quantized sampler
 # itself (fit=chains: the one-signed drift measured where it accumulates, docs/results/details.md, "Where the chain
 # loses the samples; a correction fitted on the quantized chains")
