@@ -20,7 +20,7 @@ demo: setup
 	$(ENV) $(PY) tools/quantize.py --demo
 
 test: setup
-	$(ENV) $(PY) -m pytest -q -n auto --dist worksteal
+	$(ENV) $(PY) -m pytest -q -n auto --dist worksteal --durations=25
 
 test-fast: setup
 	$(ENV) $(PY) -m pytest -q -n auto -m "not slow"

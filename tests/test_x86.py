@@ -22,13 +22,16 @@ class OneLayer(torch.nn.Module):
     """A 'UNet' that is one conv (or one linear over the channels) between SiLUs: the smallest
     step graph with a quantized input, a quantized weight and the sampler's output quantizers."""
 
-    def __init__(self, cin, cout, size, kind, k=3, stride=1):
+    def __init__(self, cin, cout, size, kind, k=3, stride=1, seed=0):
         super().__init__()
         self.config = _Config(in_channels=cin, out_channels=cin, sample_size=size)
         self.kind, self.cout = kind, cout
-        self.layer = (torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2) if kind == "conv"
-                      else torch.nn.Linear(cin, cout))
-        self.back = torch.nn.Conv2d(cout, cin, 1)   # back to the sample's channels (kept float: a 1x1 from few channels)
+        # its own seed: the weights do not depend on which tests ran before in this worker (pytest-xdist)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.layer = (torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2) if kind == "conv"
+                          else torch.nn.Linear(cin, cout))
+            self.back = torch.nn.Conv2d(cout, cin, 1)   # back to the sample's channels (kept float: a 1x1 from few channels)
 
     def forward(self, x, t):
         h = torch.nn.functional.silu(x + t[:, None, None, None].float() / 1000)
@@ -74,7 +77,7 @@ def test_compiled_int8_graph_equals_fake_quant_within_one_output_step(kind, cin,
     compiled graph): the Inductor-compiled int8 graph gives x_{t-1} and the mean within one step
     of their output quantizers of the graph it was lowered from, and the graph in PT2E form
     (before compiling) with 8-bit weights is the fake-quant graph's arithmetic exactly."""
-    layer = OneLayer(cin, cout, size, kind, stride=stride if kind == "conv" else 1)
+    layer = OneLayer(cin, cout, size, kind, stride=stride if kind == "conv" else 1, seed=seed)
     step, res = _quantized(layer, batch)
     fq = copy.deepcopy(res.graph)
     w8 = copy.deepcopy(res.graph)
