@@ -105,9 +105,9 @@ class Sensitivity:
     refine: int = 0        # the `refine` costliest 8-bit activations (-1: all) get the scale that minimises
                            # the step's x_{t-1} error with everything quantized (coordinate descent over a grid)
     budget: float = 0.0    # > 0: mixed weight precision, at most this many bits per weight on average
-                           # (each weight at its own bits or at weight_bits, least summed error)
-    widths: str = "ends"   # the budget's choices per weight: "ends" (weight_bits or its own bits) or "all" (every
-                           # width from weight_bits to its own, each measured)
+                           # (each weight's width chosen for the least summed error)
+    widths: str = "all"    # the budget's choices per weight: "all" (every width from weight_bits to its own, each
+                           # measured; the default since 2026-12-07) or "ends" (weight_bits or its own bits)
     wide_bits: int = 16
     outputs: bool = True   # widen may pick mean / variance / x_{t-1} (false: the sampler's outputs keep their bits)
     seed: int = 0          # the noise of the DDPM step's x_{t-1} (the same for every tensor)
@@ -400,7 +400,7 @@ class Sensitivity:
         for r in table:
             r["share"] = r["error"] / err_sum
         table.sort(key=lambda r: -r["error"])
-        return {"budget": float(self.budget), "average_bits": used / total, "weights": total,
+        return {"budget": float(self.budget), "widths": self.widths, "average_bits": used / total, "weights": total,
                 "bytes": sum(r["bytes"] for r in table), "bytes_at_own_bits": sum(l["own_bits"] * l["elements"] / 8
                                                                                 for l in layers),
                 "layers": table}

@@ -169,6 +169,8 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
     assert pols["ptq4dm-w16a8"].describe().startswith("W16A8")
     assert pols["w5a8"].weight_bits == pols["w5a8-reconstruct-refit"].weight_bits == 5
     assert "widths=all" in by["mixed5all-reconstruct-refit"].passes and pols["mixed5all-reconstruct-refit"].weight_bits == 8
+    # the 4-or-8 rows keep measuring 4 or 8 now that the pass's default is every width
+    assert all("budget=5,widths=ends" in c.passes for c in CONFIGS if c.name.startswith("mixed5-"))
     assert not pols["ptq4dm-w8a8-attn-fp"].quantize_attention
     assert "mean" not in pols["ptq4dm-w8a8-mean-fp"].output_roles
     assert "variance" not in pols["ptq4dm-w8a8-variance-fp"].output_roles
@@ -183,6 +185,20 @@ def test_every_evaluate_config_builds_the_policy_its_label_names():
         for name, opts in parse_pipeline(c.passes) if c.passes else ():
             fields = {f.name for f in dc.fields(PASS_REGISTRY[name])} if dc.is_dataclass(PASS_REGISTRY[name]) else set(opts)
             assert set(opts) <= fields, (c.name, name, set(opts) - fields)
+
+
+def test_configs_run_in_the_order_named_with_fp_first():
+    """--configs is run as written (a long run's first rows are the ones its author wanted first), FP first
+    whatever its place, each config once; an unknown name is refused with the known ones listed."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from evaluate import CONFIGS, resolve_configs
+
+    names = lambda spec: [c.name for c in resolve_configs(spec)]
+    assert names("w8a8-reconstruct,w4a8") == ["fp", "w8a8-reconstruct", "w4a8"]
+    assert names("w4a8,fp,w8a8-reconstruct,w4a8") == ["fp", "w4a8", "w8a8-reconstruct"]
+    assert names("all") == [c.name for c in CONFIGS] and names("all")[0] == "fp"
+    with pytest.raises(ValueError, match=r"unknown configs \['w3a8'\]; known: \['fp'"):
+        resolve_configs("w4a8,w3a8")
 
 
 def test_fid_change_interval_measures_the_sampling_noise_of_the_change():

@@ -130,10 +130,10 @@ def test_block_wise_reconstruction_learns_each_block_together(pair):
 
 
 def test_reconstruct_after_a_mixed_bit_budget(pair):
-    """sensitivity{budget=B} leaves some weights at 4 bits with new qparams, then reconstruct learns
+    """sensitivity{budget=B,widths=ends} leaves some weights at 4 bits with new qparams, then reconstruct learns
     the rounding of just those (min_bits=4): every 4-bit weight a unit, the 8-bit ones untouched."""
     step, _, _ = pair
-    pipe = DEFAULT_PIPELINE + ",sensitivity{budget=6,n=16},reconstruct{iters=10,batch_size=8,n=16,min_bits=4}"
+    pipe = DEFAULT_PIPELINE + ",sensitivity{budget=6,n=16,widths=ends},reconstruct{iters=10,batch_size=8,n=16,min_bits=4}"
     mixed = ptq4dm.quantize(step, pipeline=pipe, calibration=NDTC(n=32), progress=False)
     bits = {r["key"]: r["bits"] for r in mixed.report.sensitivity["mixed"]["layers"]}
     assert set(bits.values()) == {4, 8}

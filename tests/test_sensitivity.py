@@ -139,15 +139,15 @@ def _assert_loads_to_the_same_graph(path, result, step):
 
 
 def test_a_bit_budget_puts_4_bits_where_they_cost_least(tiny_unet, tmp_path):
-    """sensitivity{budget=B}: average weight bits within B, the lowered weights are 4-bit in the
+    """sensitivity{budget=B,widths=ends}: average weight bits within B, the lowered weights are 4-bit in the
     graph, the report and the artifact (two codes per byte, a smaller file), and the mixed graph
     is closer to float than every weight at 4 bits."""
     step = _step(tiny_unet)
     cal = NDTC(n=16)
     mixed = ptq4dm.quantize(step, calibration=cal, progress=False,
-                            pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16,budget=6}")
+                            pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16,budget=6,widths=ends}")
     m = mixed.report.sensitivity["mixed"]
-    assert 4.0 <= m["average_bits"] <= 6.0
+    assert 4.0 <= m["average_bits"] <= 6.0 and m["widths"] == "ends"
     assert sum(r["elements"] * r["bits"] for r in m["layers"]) <= 6.0 * m["weights"]
     low = {r["key"] for r in m["layers"] if r["bits"] == 4}
     high = {r["key"] for r in m["layers"] if r["bits"] == 8}

@@ -180,14 +180,14 @@ def test_cli_quantize_then_sample(tmp_path):
     assert r.returncode == 0 and "lowered (x86)" in r.stdout, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("widths", ["ends", "all"])
+@pytest.mark.parametrize("widths", ["ends", "all", None])
 def test_cli_weight_budget_with_reconstruct(tmp_path, capsys, widths):
     """--weight-budget 6 --reconstruct: the summary names the mixed widths (average within the budget)
-    and the learned rounding, and the artifact's header has 4- and 8-bit weights (--weight-widths all: widths
-    from 4 to 8)."""
+    and the learned rounding, and the artifact's header has 4- and 8-bit weights (--weight-widths all, and the
+    default without the flag: widths from 4 to 8)."""
     out = tmp_path / "m.ptq4dm.safetensors"
     rc, err = run_main("quantize", "--model", "tiny", "--steps", "4", "--n", "16", "--sample", "0", "--no-progress",
-                       "--weight-budget", "6", "--weight-widths", widths,
+                       "--weight-budget", "6", *(["--weight-widths", widths] if widths else []),
                        "--reconstruct", "reconstruct{iters=5,n=16,batch_size=8}", "--out", str(out))
     text = capsys.readouterr().out
     assert rc == 0, err[-3000:]
@@ -199,6 +199,8 @@ def test_cli_weight_budget_with_reconstruct(tmp_path, capsys, widths):
     _, _, header = artifact.load(out)
     bits = {s_["bits"] for s_ in header["specs"] if s_["role"] == "weight"}
     assert bits == {4, 8} if widths == "ends" else (bits <= set(range(4, 9)) and len(bits) > 1), bits
+    # without the flag the budget runs over every width (the default since 2026-12-07), and says so
+    assert ("every width from 4 up" in text) == (widths != "ends") and ("4 or 8 bits" in text) == (widths == "ends")
 
 
 def test_cli_error_feedback_keeps_8_bit_outputs_and_says_why_it_is_not_timed(tmp_path, capsys):

@@ -97,12 +97,13 @@ CONFIGS = [
            weight_bits=4,
            passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,weights=false},"
                   "reconstruct{blocks=true},bias_correct{groups=10}"),
-    # mixed weight precision: each weight at 4 or 8 bits, <= 5 bits per weight on average (sensitivity budget)
+    # mixed weight precision: each weight at 4 or 8 bits, <= 5 bits per weight on average (sensitivity budget;
+    # widths=ends named: the pass's default became widths=all on 2026-12-07, these rows measured 4 or 8)
     Config("mixed5", "W4/8 mixed, <= 5 bits per weight (sensitivity budget), A8 recommended", preset="recommended",
-           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5,widths=ends},"
                   "bias_correct{groups=10}"),
     Config("mixed5-reconstruct", "W4/8 mixed, <= 5 bits per weight + reconstruct, A8 recommended", preset="recommended",
-           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5,widths=ends},"
                   "reconstruct,bias_correct{groups=10}"),
     # ... with each weight's per-channel scale learned with its rounding (reconstruct{scales=true})
     Config("w4a8-reconstruct-scales", "W4A8 recommended preset + reconstruct, rounding and scales learned",
@@ -116,11 +117,11 @@ CONFIGS = [
                   "reconstruct{scales=true,n=0},bias_correct{groups=10}"),
     Config("mixed5-reconstruct-scales", "W4/8 mixed, <= 5 bits per weight + reconstruct (rounding and scales), A8 "
            "recommended", preset="recommended",
-           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5,widths=ends},"
                   "reconstruct{scales=true},bias_correct{groups=10}"),
     Config("mixed5-reconstruct-scales-all", "W4/8 mixed, <= 5 bits per weight + reconstruct (rounding and scales) on "
            "every calibration sample, A8 recommended", preset="recommended",
-           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5},"
+           passes="decompose_attention,mark,observe,calibrate,solve,fakequant,sensitivity{widen=4,budget=5,widths=ends},"
                   "reconstruct{scales=true,n=0},bias_correct{groups=10}"),
     # the 5-bit budget spent evenly (every weight at 5 bits) or over every width from 4 to 8 (sensitivity
     # widths=all), against the 4 / 8 mix (docs/results/details.md, "Five bits per weight")
@@ -173,7 +174,7 @@ CONFIGS += [dataclasses.replace(c, name=c.name.replace("-scales-all", "-refit"),
             for c in CONFIGS if c.name.endswith("-reconstruct-scales-all")]
 # ... with the budget spent over every width from 4 to 8 (sensitivity widths=all), not 4 or 8
 CONFIGS += [dataclasses.replace(c, name="mixed5all-reconstruct-refit", label=c.label.replace("W4/8 mixed", "W4-8 mixed (every width)"),
-                                passes=c.passes.replace("budget=5}", "budget=5,widths=all}"))
+                                passes=c.passes.replace("budget=5,widths=ends}", "budget=5,widths=all}"))
             for c in CONFIGS if c.name == "mixed5-reconstruct-refit"]
 # ... and the UNet's output then corrected per step by noise_correct fitted along 64 chains of the quantized sampler
 # itself (fit=chains: the one-signed drift measured where it accumulates, docs/results/details.md, "Where the chain
@@ -294,6 +295,17 @@ def _change_cell(row: dict, key: str) -> str:
     return f"{100 * row[key] / (row['fid'] - row[key]):+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
+def resolve_configs(spec: str) -> list:
+    """The configs that ``--configs`` names, in the order named, each once, with FP first (every row is
+    compared with it); ``all``: the whole table in its order. ValueError naming the unknown ones."""
+    names = [c.name for c in CONFIGS] if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in {c.name for c in CONFIGS}]
+    if unknown:
+        raise ValueError(f"unknown configs {unknown}; known: {[c.name for c in CONFIGS]}")
+    names = ["fp"] + [n for i, n in enumerate(names) if n != "fp" and n not in names[:i]]
+    return [next(c for c in CONFIGS if c.name == n) for n in names]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", "--n", dest="n", type=int, default=200,
@@ -317,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seed", type=int, default=None,
                    help="seed of the calibration draw (default: --seed); vary it alone to separate calibration "
                         "noise from sample-set noise")
-    p.add_argument("--configs", default="all", help="comma-separated names, or all: " + ",".join(c.name for c in CONFIGS))
+    p.add_argument("--configs", default="all", help="comma-separated names, run in that order (fp always first), "
+                   "or all: " + ",".join(c.name for c in CONFIGS))
     p.add_argument("--weights", default=None, help="a .safetensors UNet with a .json card (default: the shipped model)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -387,13 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     args.variance = args.variance or "fixed_small"
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [c.name for c in CONFIGS] if args.configs == "all" else args.configs.split(",")
-    unknown = [n for n in names if n not in {c.name for c in CONFIGS}]
-    if unknown:
-        p.error(f"unknown configs {unknown}; known: {[c.name for c in CONFIGS]}")
-    if "fp" not in names:
-        names = ["fp"] + names
-    configs = [c for c in CONFIGS if c.name in names]
+    try:
+        configs = resolve_configs(args.configs)
+    except ValueError as e:
+        p.error(str(e))
 
     import ptq4dm
     from ptq4dm import distributed

@@ -90,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "outputs that hold on DDIM; the residual is sampler state, float32 or e.g. "
                         "'error_feedback{residual_bits=2}'; the graph is not lowered; docs/passes.md)")
     q.add_argument("--weight-budget", type=float, default=None, metavar="BITS",
-                   help="mixed 4 / 8-bit weights, at most BITS bits per weight on average, each weight's width chosen "
+                   help="mixed 4- to 8-bit weights, at most BITS bits per weight on average, each weight's width chosen "
                         "from its measured error (sensitivity{budget=BITS}); the recommended pipeline then learns their rounding")
-    q.add_argument("--weight-widths", choices=("ends", "all"), default="ends",
-                   help="with --weight-budget: each weight at 4 or at 8 bits (ends) or at any width from 4 to 8, each "
-                        "measured (all; sensitivity{widths=all}; docs/passes.md)")
+    q.add_argument("--weight-widths", choices=("ends", "all"), default=None,
+                   help="with --weight-budget: each weight at any width from 4 to 8, each measured (all, the default; "
+                        "sensitivity{widths=all}) or at 4 or at 8 bits only (ends; docs/passes.md)")
     q.add_argument("--passes", default=None, help="pipeline string (default: the full PTQ4DM pipeline)")
     q.add_argument("--dump-ir-after", action="append", default=[], metavar="PASS")
     o = p.add_argument_group("output")
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             sens = next((i for i, s_ in enumerate(passes_) if s_.startswith("sensitivity")), None)
             opts = dict(parse_pipeline(passes_[sens])[0][1]) if sens is not None else {}
             opts.update(weights="true", weight_bits=4, budget=f"{args.weight_budget:g}",
-                        **({"widths": "all"} if args.weight_widths == "all" else {}))
+                        widths=args.weight_widths or "all")
             item = "sensitivity{" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                              for k, v in opts.items()) + "}"
             if sens is not None:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error("--weight-budget needs 'fakequant' in the pipeline (the sensitivity pass measures "
                                  "the fake-quantized graph)")
                 passes_.insert(fq + 1, item)
-        elif args.weight_widths != "ends":
+        elif args.weight_widths is not None:
             parser.error("--weight-widths chooses among the widths of a --weight-budget: give --weight-budget BITS too")
         if args.reconstruct and args.no_reconstruct:
             parser.error("--reconstruct and --no-reconstruct contradict each other: give one")
@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         if sens.get("mixed"):
             m = sens["mixed"]
             print(f"  mixed precision  {sum(r['bits'] < r['own_bits'] for r in m['layers'])} of {len(m['layers'])} weights "
-                  f"at fewer bits, {m['average_bits']:.2f} bits per weight (budget {m['budget']:g}): "
+                  f"at fewer bits, {m['average_bits']:.2f} bits per weight (budget {m['budget']:g}, "
+                  + ("each weight at 4 or 8 bits" if m.get("widths") == "ends" else "every width from 4 up")
+                  + f"): "
                   f"{m['bytes'] / 1e3:,.1f} kB of weight codes instead of {m['bytes_at_own_bits'] / 1e3:,.1f} kB")
     rc = result.report.reconstruct
     if rc:
