@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_bench_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
     configs = ("fp32-eager", "pt2e-x86-int8", "ptq4dm-w8a8")

@@ -163,6 +163,7 @@ def test_artifact_stores_the_corrected_biases(tiny_unet, tmp_path):
         assert not torch.equal(plain.graph(x, t, n).mean, got.mean)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_groups_remove_the_part_of_the_error_that_follows_t(tiny_unet, tmp_path):
     """bias_correct{groups=2}: a correction per half of the sampler's steps on top of the all-t one.
     Measured per half, the mean error the single correction leaves is larger than what the

@@ -64,6 +64,7 @@ def test_static_batch1_path(tiny_unet):
         capture_step(step, batch=1, dynamic_batch=True)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_cifar10_ddim_capture_exact_and_named(cifar_unet):
     assert sum(p.numel() for p in cifar_unet.parameters()) == 35_746_307
     step = DiffusionStep(cifar_unet, make_sampler("ddpm", num_inference_steps=100)).eval()

@@ -57,6 +57,7 @@ def _artifact_diff(a: Path, b: Path) -> tuple[list, dict]:
     return differ, {k: (ha.get(k), hb.get(k)) for k in head}
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_two_ranks_write_the_single_process_artifact(tmp_path):
     """quantize on 2 gloo ranks (chains, observers and bias_correct split by batch) == 1 process,
     tensor for tensor; the header differs only in calibration.world_size and the cache path."""
@@ -78,6 +79,7 @@ def test_two_ranks_write_the_single_process_artifact(tmp_path):
     assert not list(tmp_path.glob("**/*.tmp*")), "nothing half-written"
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_two_rank_evaluation_gives_the_single_process_fid(tmp_path):
     common = ["tools/evaluate.py", "--samples", "8", "--batch", "4", "--steps", "3", "--calib-n", "8",
               "--configs", "fp,ptq4dm-w8a8", "--threads", "1"]

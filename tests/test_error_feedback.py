@@ -72,6 +72,7 @@ def test_the_residual_applies_only_to_the_chain_it_came_from(quantized):
         assert torch.equal(ef.graph(teacher, t1, z)[0], plain.graph(teacher, t1, z)[0])
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_error_feedback_brings_the_8_bit_chain_back_to_float():
     """The property the pass exists for, on the shipped model and DDIM-50: over the whole chain with
     8-bit x_{t-1} (everything else at 16 bits), carrying the residual ends far nearer the float

@@ -64,6 +64,7 @@ def test_inception_net_from_a_local_torchscript_file(inception_file, tmp_path):
         InceptionNet(bad)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_evaluate_small_run(tmp_path, inception_file):
     md = tmp_path / "results.md"
     md.write_text("# R\n\n<!-- quality-table:begin -->\nold\n<!-- quality-table:end -->\n\nkept text\n")

@@ -104,6 +104,7 @@ def test_nan_in_calibration_names_node_and_timestep(tiny_unet):
     assert "timesteps" in str(e.value) and ":" in str(e.value)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_cifar10_pipeline_ndtc64(cifar_unet):
     step = _step(cifar_unet, steps=4, kind="ddim")
     r = ptq4dm.quantize(step, pipeline="ptq4dm-paper", calibration=NDTC(n=64, batch_size=64), progress=False)
@@ -238,6 +239,7 @@ def test_share_xt_range_refuses_what_it_cannot_shift(tiny_unet):
                         policy=QuantPolicy(output_bits=6, share_xt_range=True))
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_the_default_is_the_recommended_pipeline(tiny_unet):
     """ptq4dm.quantize(step) as a user calls it: the paper's passes, the 4 costliest activations
     widened to 16 bits by the sensitivity pass, the weights' rounding learned (reconstruct),

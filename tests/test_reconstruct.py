@@ -35,6 +35,7 @@ def pair(tiny_unet):
     return step, ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE, **kw), ptq4dm.quantize(step, pipeline=DEFAULT_PIPELINE + REC, **kw)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_learned_rounding_stays_on_the_grid_and_moves_codes_by_one(pair):
     """The learned weights are codes of the same qparams (fake_quant leaves them unchanged), each
     one step at most from nearest rounding (AdaRound chooses floor or ceil), and some moved."""
@@ -101,6 +102,7 @@ def test_reconstruct_names_its_misuse(pair):
                         progress=False)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_block_wise_reconstruction_learns_each_block_together(pair):
     """blocks=true (BRECQ): the layers of a resnet block / attention module share one unit and one
     loss on the block's float output; each unit's output error ends no higher than nearest
@@ -145,6 +147,7 @@ def test_reconstruct_after_a_mixed_bit_budget(pair):
             assert torch.equal(w, nearest.to(w.dtype)), key
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_learned_scales_keep_the_codes_on_the_new_grid_and_lower_the_error(pair, tmp_path):
     """scales=true: each weight's per-channel scale is learned with its rounding. The qparams the
     artifact and ``lower`` read are the learned ones, the weights are codes on that grid (within
@@ -192,6 +195,7 @@ def test_network_phase_learns_every_rounding_against_the_unet_output(pair):
                         progress=False)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_restarts_keep_the_reconstruction_whose_held_out_chains_land_closest_to_fp(pair):
     """reconstruct{restarts=k}: k reconstructions (seeds seed .. seed + k - 1), each judged by the PSNR from
     FP of held-out chains; the graph keeps the best one's codes and scales: exactly what a single
@@ -246,6 +250,7 @@ def test_refit_finds_each_channels_least_squares_scale(op):
             assert float(err(moved)[c]) > float(err(best)[c])
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_refit_keeps_the_codes_and_lowers_the_first_layers_error(pair):
     """refit=quantized after the learned rounding: the first layer's codes are the ones it learned without refit (the
     refit comes after), its output error is no higher, the weights are codes on the refitted grid, and the
@@ -266,6 +271,7 @@ def test_refit_keeps_the_codes_and_lowers_the_first_layers_error(pair):
         assert torch.equal(fake_quant(w, qp.scale, qp.zero_point, qp.qmin, qp.qmax, qp.axis), w), key
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_float_input_refit_and_qdrop_keep_codes_on_the_grid_and_name_their_misuse(pair):
     """refit=float with drop=0.5 (the layer learns on inputs mixed from the float model's): the weights are codes on
     the refitted grid, no layer ends worse than nearest rounding on the quantized inputs, some scales moved.

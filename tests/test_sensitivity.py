@@ -80,6 +80,7 @@ def test_weights_at_8_bits_are_also_measured_at_4(tiny_unet):
     assert "at 4 bits" in res.report.sensitivity_table()
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_widen_gives_the_costliest_activations_16_bits(tiny_unet, tmp_path):
     step = _step(tiny_unet)
     base = ptq4dm.quantize(step, calibration=NDTC(n=32), progress=False, pipeline=DEFAULT_PIPELINE + ",sensitivity{n=32}")
@@ -138,6 +139,7 @@ def _assert_loads_to_the_same_graph(path, result, step):
         torch.testing.assert_close(graph(x, t, noise)[0], result.graph(x, t, noise)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_a_bit_budget_puts_4_bits_where_they_cost_least(tiny_unet, tmp_path):
     """sensitivity{budget=B,widths=ends}: average weight bits within B, the lowered weights are 4-bit in the
     graph, the report and the artifact (two codes per byte, a smaller file), and the mixed graph
@@ -187,6 +189,7 @@ def test_a_bit_budget_puts_4_bits_where_they_cost_least(tiny_unet, tmp_path):
     _assert_loads_to_the_same_graph(pm, mixed, step)
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_refine_rechooses_activation_scales_against_the_output(tiny_unet):
     """refine: the activations' scales move only where the step's x_{t-1} error falls, the graph and
     the qparams agree afterwards, and the error on inputs it never saw does not grow by much."""
@@ -279,6 +282,7 @@ def test_a_budget_over_every_width_moves_weights_along_their_error_hull(tiny_une
                         pipeline=DEFAULT_PIPELINE + ",sensitivity{n=16,budget=5,widths=some}")
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_sensitivity_says_where_it_belongs(tiny_unet):
     step = _step(tiny_unet)
     with pytest.raises(ValueError, match="before bias_correct"):

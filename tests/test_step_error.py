@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import ptq4dm
@@ -57,6 +58,7 @@ def test_step_errors_rank_w4_above_w8(tiny_unet):
     assert se.summarize(errs["w4"])["path_kl"] > 2 * se.summarize(errs["w8"])["path_kl"] > 0
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_cli_writes_json_and_png_and_refuses_fp(tmp_path):
     out, png = tmp_path / "se.json", tmp_path / "se.png"
     r = subprocess.run([sys.executable, "tools/step_error.py", "--n", "1", "--steps", "4", "--calib-n", "8",

@@ -162,6 +162,7 @@ def test_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_cli_quantize_then_sample(tmp_path):
     out = tmp_path / "t.ptq4dm.safetensors"
     r = run_tool("tools/quantize.py", "--model", "tiny", "--steps", "4", "--n", "8", "--sample", "4", "--no-progress",
@@ -220,6 +221,7 @@ def test_cli_error_feedback_keeps_8_bit_outputs_and_says_why_it_is_not_timed(tmp
     assert rc == 2 and "--no-lower" in err and not (tmp_path / "s.png").exists()
 
 
+@pytest.mark.slow   # > ~20 s on a 2-core CPU: `make test-fast` leaves it out
 def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):
     from safetensors.torch import save_file
 
