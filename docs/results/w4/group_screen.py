@@ -32,19 +32,24 @@ from ptq4dm.passes.observe import QTENSOR
 from screen_setup import ddpm100_w4
 
 
-def group_int(w: torch.Tensor, s_c: torch.Tensor, g: int) -> torch.Tensor:
-    """w (OC, ...) float, s_c (OC,) the channel's 4-bit scale -> w on the grid m * s_c / 16 per group, m in 1..16."""
+def group_multipliers(w: torch.Tensor, s_c: torch.Tensor, g: int) -> torch.Tensor:
+    """w (OC, ...) float, s_c (OC,) the channel's 4-bit scale -> the integer multiplier m in 1..16 of each weight's
+    group of g (weight-shaped): the m whose grid m * s_c / 16 rounds the group with the least squared error."""
     oc = w.shape[0]
     flat = w.reshape(oc, -1)
     k = flat.shape[1]
-    pad = (-k) % g
-    x = torch.nn.functional.pad(flat, (0, pad)).reshape(oc, -1, g)           # (OC, G, g); padding is 0: no error
+    x = torch.nn.functional.pad(flat, (0, (-k) % g)).reshape(oc, -1, g)      # (OC, G, g); padding is 0: no error
     m = torch.arange(1, 17, dtype=w.dtype).reshape(16, 1, 1, 1)
     s = m * (s_c.reshape(1, oc, 1, 1) / 16)                                     # (16, OC, 1, 1)
     q = torch.clamp(torch.round(x.unsqueeze(0) / s), -7, 7) * s                 # (16, OC, G, g)
-    best = (q - x.unsqueeze(0)).pow(2).sum(-1).argmin(0)                        # (OC, G)
-    out = torch.gather(q, 0, best.reshape(1, oc, -1, 1).expand(1, oc, x.shape[1], g))[0]
-    return out.reshape(oc, -1)[:, :k].reshape(w.shape)
+    best = ((q - x.unsqueeze(0)).pow(2).sum(-1).argmin(0) + 1).to(w.dtype)      # (OC, G)
+    return best.unsqueeze(-1).expand(oc, best.shape[1], g).reshape(oc, -1)[:, :k].reshape(w.shape)
+
+
+def group_int(w: torch.Tensor, s_c: torch.Tensor, g: int) -> torch.Tensor:
+    """w (OC, ...) float, s_c (OC,) the channel's 4-bit scale -> w on the grid m * s_c / 16 per group, m in 1..16."""
+    sg = s_c.reshape(-1, *[1] * (w.dim() - 1)) * group_multipliers(w, s_c, g) / 16
+    return torch.clamp(torch.round(w / sg), -7, 7) * sg
 
 
 def group_float(w: torch.Tensor, g: int) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """(docs/results/w4/recon_screen.py) Variants of the reconstruct pass on one quantized graph, DDPM-100, the default
 model: the pipeline up to sensitivity runs once (W4A8 recommended policy, NDTC n=256 calibration seed 31; --mix: the
 <= 5 bits per weight budget), then each variant (JSON: {"rec": Reconstruct options, "nc": add noise_correct, "group": G})
-runs
-reconstruct + bias_correct{groups=10} on a copy and reports the x_{t-1} error against FP on the calibration set
+runs reconstruct + bias_correct{groups=10} on a copy and reports the x_{t-1} error against FP on the calibration set
 (train_err) and on a second NDTC draw (seed 99, held_err), and PSNR vs FP of 100 samples (seed 21; the FP samples
 that docs/results/ddim/ablate.py caches for the same sampler and seeds). Rows: docs/results/w4/recon-screen-2026-12-05.jsonl.
 
@@ -57,18 +56,8 @@ from ptq4dm.passes.bias_correct import FLOAT_WEIGHT, _attr
 from ptq4dm.passes.observe import QTENSOR
 from ptq4dm.ir.quant import QParams
 _Plain = R._Rounding
-
-
-def group_m(w, s_c, g):
-    """(OC, ...) weight, (OC,) 4-bit scale -> the integer multiplier m in 1..16 of each weight's group (weight-shaped)."""
-    oc, flat = w.shape[0], w.reshape(w.shape[0], -1)
-    k = flat.shape[1]
-    x = torch.nn.functional.pad(flat, (0, (-k) % g)).reshape(oc, -1, g)
-    m = torch.arange(1, 17, dtype=w.dtype).reshape(16, 1, 1, 1)
-    sg = m * (s_c.reshape(1, oc, 1, 1) / 16)
-    err = (torch.clamp(torch.round(x.unsqueeze(0) / sg), -7, 7) * sg - x.unsqueeze(0)).pow(2).sum(-1)   # (16, OC, G)
-    best = (err.argmin(0) + 1).to(w.dtype)                                                          # (OC, G)
-    return best.unsqueeze(-1).expand(oc, best.shape[1], g).reshape(oc, -1)[:, :k].reshape(w.shape)
+sys.path.insert(0, "docs/results/w4")
+from group_screen import group_int, group_multipliers   # the grid of the 2026-12-06 screen
 
 
 class GroupRounding(_Plain):
@@ -78,7 +67,7 @@ class GroupRounding(_Plain):
     def __init__(self, w_fp, qp, towards=None, learn_scale=False):
         w = w_fp.detach().float()
         s_c = R._expand(qp.scale.detach().float(), w, qp.axis)
-        self.m = group_m(w, qp.scale.detach().float().reshape(-1), self.G)
+        self.m = group_multipliers(w, qp.scale.detach().float().reshape(-1), self.G)
         zp = R._expand(qp.zero_point.detach().float(), w, qp.axis)
         super().__init__(w_fp, QParams(s_c * self.m / 16, zp, qp.qmin, qp.qmax, None, qp.groups), towards, False)
         self.qp = qp
@@ -111,11 +100,9 @@ def group_nearest(gr, g):
         if qp.qmax != 7 or qp.axis is None:
             continue
         wf = _attr(gr.gm, n.meta[FLOAT_WEIGHT]).detach().float()
-        s_c = qp.scale.float().reshape(-1)
-        sg = R._expand(s_c, wf, qp.axis) * group_m(wf, s_c, g) / 16
         with torch.no_grad():
             buf = _attr(gr.gm, str(n.target))
-            buf.copy_((torch.clamp(torch.round(wf / sg), -7, 7) * sg).to(buf.dtype))
+            buf.copy_(group_int(wf, qp.scale.float().reshape(-1), g).to(buf.dtype))
         changed += 1
     return changed
 
