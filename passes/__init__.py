@@ -8,6 +8,7 @@
     fakequant            the simulated quantized graph
     sensitivity          each quantized tensor's share of the step's error; widen{k}: the costliest activations to 16 bits
     reconstruct          learned rounding of the weights against the float layer outputs (AdaRound)
+    chain_gains          the low-bit weights' per-channel scales fitted against short unrolled float chains (ours)
     bias_correct         empirical bias correction of quantized convs / linears (optional, not PTQ4DM's)
     noise_correct        per-step affine correction of the UNet output (PTQD-style; optional)
     error_feedback       carry x_{t-1}'s rounding residual into the next step (8-bit x_{t-1} on DDIM; optional)
@@ -17,6 +18,7 @@
 from .base import (PASS_REGISTRY, Pass, PassContext, PassManager, PipelineError, VerificationError,
                    parse_pipeline, register_pass)
 from .bias_correct import BiasCorrect
+from .chain_gains import ChainGains
 from .calibrate import NDTC, Calibrate, CalibrationSet, RandomNoise, Single, Uniform, make_calibration_set
 from .decompose_attention import DecomposeAttention
 from .error_feedback import ErrorFeedback
@@ -59,4 +61,4 @@ __all__ = ["PASS_REGISTRY", "Pass", "PassContext", "PassManager", "PipelineError
            "CalibrationSet", "make_calibration_set", "DecomposeAttention", "FakeQuant", "Lower", "Mark", "QuantPolicy",
            "Observe", "ReservoirObserver", "MSE", "MinMax", "Solve", "TensorReport", "DEFAULT_PIPELINE",
            "PAPER_PIPELINE", "RECOMMENDED_PIPELINE", "RECOMMENDED_FAST_PIPELINE", "PRESETS", "NoiseCorrect", "Sensitivity", "Reconstruct",
-           "ErrorFeedback"]
+           "ErrorFeedback", "ChainGains"]

@@ -47,6 +47,7 @@ class QuantReport:
     bias_correction: dict = field(default_factory=dict)   # the bias_correct pass's result, when it ran
     sensitivity: dict = field(default_factory=dict)       # the sensitivity pass's result, when it ran
     reconstruct: dict = field(default_factory=dict)       # the reconstruct pass's result, when it ran
+    chain_gains: dict = field(default_factory=dict)       # the chain_gains pass's result, when it ran
 
     @property
     def total_error(self) -> float:
@@ -81,7 +82,8 @@ class QuantReport:
                                  error=t.error, error_minmax=t.error_minmax) for t in self.tensors],
                 **({"bias_correction": self.bias_correction} if self.bias_correction else {}),
                 **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
-                **({"reconstruct": self.reconstruct} if self.reconstruct else {})}
+                **({"reconstruct": self.reconstruct} if self.reconstruct else {}),
+                **({"chain_gains": self.chain_gains} if self.chain_gains else {})}
 
     def sensitivity_table(self, limit: int | None = None) -> str:
         """The sensitivity pass's ranking: each tensor's part of the step's x_{t-1} error (that tensor
@@ -189,7 +191,8 @@ def quantize(step: DiffusionStep, calibration=None, solver=None, policy: QuantPo
                          policy=policy.describe(), policy_obj=policy,
                          bias_correction=ctx.results.get("bias_correct", {}),
                          sensitivity=ctx.results.get("sensitivity", {}),
-                         reconstruct=ctx.results.get("reconstruct", {}))
+                         reconstruct=ctx.results.get("reconstruct", {}),
+                         chain_gains=ctx.results.get("chain_gains", {}))
     graph.meta["report"] = report
     graph.meta["calibration_timesteps"] = ctx.results.get("calibration", {}).get("timesteps")
     return QuantResult(graph, report, fp_graph, ctx.options.get("calibration_set"))

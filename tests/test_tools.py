@@ -245,3 +245,21 @@ def test_cli_samples_with_the_schedule_the_weights_were_trained_on(tmp_path):
     assert not report.get("reconstruct"), "--no-reconstruct drops the pass"
     r = run_tool("tools/sample.py", str(out), "--n", "2", "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_cli_chain_gains_fits_the_4_bit_scales_and_says_so(tmp_path, capsys):
+    """--chain-gains appends the pass: the summary says how many gains it fitted and whether it kept them, the
+    artifact's report records it; a value that is not the pass is refused with the form it takes."""
+    out = tmp_path / "cg.ptq4dm.safetensors"
+    rc, err = run_main("quantize", "--model", "tiny", "--steps", "4", "--n", "8", "--sample", "0", "--no-progress",
+                       "--pipeline", "recommended-fast", "--weight-bits", "4",
+                       "--chain-gains", "chain_gains{iters=5,chains=8,batch_size=4,steps=0.5,unroll=2}",
+                       "--out", str(out))
+    text = capsys.readouterr().out
+    assert rc == 0, err[-3000:]
+    assert "chain gains" in text and "held-out chains' loss" in text, text
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["chain_gains"]["gains"] > 0 and report["chain_gains"]["unroll"] == 2
+    rc, err = run_main("quantize", "--model", "tiny", "--steps", "4", "--n", "8", "--sample", "0", "--no-progress",
+                       "--weight-bits", "4", "--chain-gains", "iters=5", "--out", str(tmp_path / "x.ptq4dm.safetensors"))
+    assert rc == 2 and "chain_gains{iters=300}" in err

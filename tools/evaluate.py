@@ -182,6 +182,11 @@ CONFIGS += [dataclasses.replace(c, name="mixed5all-reconstruct-refit", label=c.l
 CONFIGS += [dataclasses.replace(c, name=c.name + "-nc", label=c.label + " + output correction per step fitted on "
                                 "its own chains", passes=c.passes + ",noise_correct{fit=chains,groups=1000}")
             for c in CONFIGS if c.name.endswith("-reconstruct-refit")]
+# ... and then each 4-bit weight's per-channel scale fitted against short unrolled float chains from the noisiest
+# quarter of the steps (chain_gains: docs/results/details.md, "A loss over short unrolled chains")
+CONFIGS += [dataclasses.replace(c, name=c.name + "-chain", label=c.label + " + gains fitted on unrolled float chains",
+                                passes=c.passes + ",chain_gains")
+            for c in CONFIGS if c.name.endswith("-reconstruct-refit")]
 # the paper's baselines with the default model's pipeline (bias_correct{groups=10} after fakequant):
 # only the calibration / outputs / bits differ from ptq4dm-w8a8-bc-g10
 CONFIGS += [dataclasses.replace(c, name=c.name + "-bc-g10", label=c.label + " + bias corr. 1/10", bias_correct=True,

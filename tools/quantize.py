@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carry x_{t-1}'s rounding residual into the next step (with --output-bits 8: the paper's 8-bit "
                         "outputs that hold on DDIM; the residual is sampler state, float32 or e.g. "
                         "'error_feedback{residual_bits=2}'; the graph is not lowered; docs/passes.md)")
+    q.add_argument("--chain-gains", nargs="?", const="chain_gains", default=None, metavar="OPTIONS",
+                   help="then fit each 4-bit weight's per-channel scale (codes fixed) against short unrolled float chains "
+                        "from the noisiest quarter of the steps (~3 minutes on the default model; with 4-bit weights: "
+                        "--weight-bits 4 or --weight-budget), e.g. 'chain_gains{iters=300}' (docs/passes.md)")
     q.add_argument("--weight-budget", type=float, default=None, metavar="BITS",
                    help="mixed 4- to 8-bit weights, at most BITS bits per weight on average, each weight's width chosen "
                         "from its measured error (sensitivity{budget=BITS}); the recommended pipeline then learns their rounding")
@@ -289,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             # widen must not hand x_{t-1} its 16 bits back
             pipeline = pipeline.replace("sensitivity{", "sensitivity{outputs=false,", 1) if "sensitivity{" in pipeline \
                 else pipeline
+        if args.chain_gains:
+            if not args.chain_gains.startswith("chain_gains"):
+                parser.error(f"--chain-gains takes the pass with its options, e.g. 'chain_gains{{iters=300}}', "
+                             f"got {args.chain_gains!r}")
+            pipeline += "," + args.chain_gains
         result = ptq4dm.quantize(step, calibration=calib, solver=solver, policy=policy,
                                  pipeline=pipeline, progress=not args.no_progress,
                                  cache_dir=Path(args.cache_dir) if args.cache_dir else REPO / ".cache" / "calibration", dump_after=tuple(args.dump_ir_after),
@@ -362,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  reconstruct      {len(rc['layers'])} {unit}, {rc['iters']} steps each on {rc['n']} samples: summed "
               f"output error {rc['error_before']:.3g} -> {rc['error_after']:.3g}, {100 * moved:.1f}% of codes "
               f"rounded the other way ({stages.get('reconstruct', 0):.0f} s)")
+    cg = result.report.chain_gains
+    if cg:
+        print(f"  chain gains      {cg['gains']} channel gains of {cg['weights']} weights fitted on {cg['unroll']}-step "
+              f"unrolls from the first {cg['start_steps']} steps: held-out chains' loss {cg['held_before']:.3g} -> "
+              f"{cg['held_after']:.3g}, " + (f"kept (mean |log gain| {cg['gain_abs_mean']:.3f})" if cg["kept"]
+                                              else "not kept (the weights as before)")
+              + f" ({stages.get('chain_gains', 0):.0f} s)")
     bc = result.report.bias_correction
     if bc:
         rel = [x["mean_abs_shift"] / max(x["bias_mean_abs"], 1e-12) for x in bc["shifts"]]
