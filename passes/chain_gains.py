@@ -79,8 +79,6 @@ class ChainGains:
     max_bits: int = 4       # the weights of at most this many bits get gains (8: every quantized weight)
 
     def run(self, graph: StepGraph, ctx: PassContext) -> None:
-        from ptq4dm.models.step import trajectory
-
         fp_step, sampler = ctx.options.get("fp_step"), graph.meta.get("sampler")
         if fp_step is None or sampler is None:
             raise ValueError("chain_gains fits against float chains of the graph's sampler: it needs "
@@ -118,12 +116,12 @@ class ChainGains:
         gen = torch.Generator().manual_seed(self.chain_seed)
         x_T = torch.randn((self.chains, *ex.shape[1:]), generator=gen).to(ex.device)
         states, noises = [x_T], []
-        with torch.no_grad():   # the float chains: the states (input of step k at k) and each step's noise
-            noise_gen = torch.Generator().manual_seed(self.chain_seed + 1)
-            for _, _, _, prev in trajectory(fp_step, sampler, x_T, noise_gen):
-                states.append(prev.float())
-        noise_gen = torch.Generator().manual_seed(self.chain_seed + 1)   # the same draws, in the same order
-        noises = [torch.randn(x_T.shape, generator=noise_gen).to(ex.device) for _ in range(S)]
+        noise_gen = torch.Generator().manual_seed(self.chain_seed + 1)
+        with torch.no_grad():   # the float chains: the states (input of step k at k) and each step's noise, drawn once
+            for t_val in sampler.timesteps.tolist():
+                t = torch.full((self.chains,), t_val, dtype=torch.long, device=ex.device)
+                noises.append(torch.randn(x_T.shape, generator=noise_gen).to(ex.device))
+                states.append(fp_step(states[-1], t, noises[-1])[0].float())
         xs, ns, ts = torch.stack(states), torch.stack(noises), sampler.timesteps.to(ex.device).long()
         held = self.chains // 4
         train = self.chains - held
